@@ -1,0 +1,18 @@
+"""optimkit: training optimizers for PyTorch, one composable core.
+
+    import optimkit as ok
+    opt = ok.AdamW(model.parameters(), lr=3e-4)
+    opt = ok.create("lion", model.parameters(), lr=1e-4)
+    ok.available()
+"""
+from . import optimizers as _optimizers  # registers every optimizer
+from .core import Optimizer, Transform, available, create, info
+from .core.registry import _REGISTRY
+
+__version__ = "0.1.0"
+
+for _cls in _REGISTRY.values():
+    globals()[_cls.__name__] = _cls
+
+__all__ = sorted(["Optimizer", "Transform", "available", "create", "info"]
+                 + [c.__name__ for c in _REGISTRY.values()])

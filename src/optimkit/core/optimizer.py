@@ -1,0 +1,305 @@
+"""The ``Optimizer`` facade: torch.optim's contract around a chain of transforms.
+
+Data path of one ``step()`` for one param group::
+
+    params with a gradient -> real views (complex) -> lazily created state
+      -> bucket by step count (normally one bucket)
+      -> Python: per-step scalars of every transform (bias corrections, ...)
+      -> kernel (eager foreach, or torch.compile'd with scalars as tensors):
+           g (negated if maximize) -> transform 1 -> ... -> transform n
+           -> cautious mask (if asked) -> apply: p <- p - lr * u
+      -> Python: write back step count and scalar state
+
+Optimizers subclass :class:`Optimizer`, set ``name``/``defaults``/metadata and
+return their transforms from :meth:`Optimizer.build`.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import itertools
+import types
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import Tensor
+
+from . import registry
+from .tensorlist import Ratio, TensorList, dense
+from .transform import Context, Transform
+from .validation import validate_group
+
+#: Options every optimizer accepts, besides its own hyperparameters.
+COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "compile": False}
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class of all optimkit optimizers (a ``torch.optim.Optimizer``).
+
+    Every optimizer accepts, besides its hyperparameters:
+
+    * ``maximize`` (bool): ascend instead of descend.
+    * ``compile`` (bool): run the group step through ``torch.compile``
+      (one kernel per group; hyperparameters are passed as tensors so that
+      schedulers do not cause recompilation).
+    * ``cautious`` (bool or ``"kozistr"``/``"timm"``), on optimizers with
+      momentum: zero update components whose sign disagrees with the
+      gradient, rescaling the rest ("Cautious Optimizers", Liang et al. 2024).
+      ``True``/``"kozistr"`` rescales by ``numel / (kept + 1)``, ``"timm"``
+      by ``1 / max(mean(mask), 1e-3)``.
+
+    All hyperparameters live in each param group and are read at every step.
+    """
+
+    # ---- metadata, set by each optimizer
+    name: ClassVar[str | None] = None
+    family: ClassVar[str] = "first-order"
+    paper: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    state_bytes: ClassVar[float] = 0.0
+    defaults: ClassVar[dict[str, Any]] = {}
+    rules: ClassVar[dict[str, Callable]] = {}
+    #: momentum optimizers accept ``cautious=``
+    has_momentum: ClassVar[bool] = False
+    #: sparse gradients are densified instead of rejected
+    supports_sparse: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            registry.register(cls)
+        # A real signature for help() and IDEs: params plus every hyperparameter.
+        sig_params = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        for key, value in cls.all_defaults().items():
+            sig_params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY
+                                                if key in COMMON_DEFAULTS or key == "cautious"
+                                                else inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                default=value))
+        cls.__signature__ = inspect.Signature(sig_params)
+
+    @classmethod
+    def all_defaults(cls) -> dict[str, Any]:
+        out = dict(cls.defaults)
+        out.update(COMMON_DEFAULTS)
+        if cls.has_momentum:
+            out["cautious"] = False
+        return out
+
+    # ------------------------------------------------------------------ construction
+    def __init__(self, params, *args, **hyperparameters):
+        allowed = self.all_defaults()
+        if args:  # positional hyperparameters follow the order of ``defaults``
+            names = list(self.defaults)
+            if len(args) > len(names):
+                raise TypeError(f"{type(self).__name__} takes at most {len(names)} positional "
+                                f"hyperparameters ({', '.join(names)}), got {len(args)}")
+            for key, value in zip(names, args):
+                if key in hyperparameters:
+                    raise TypeError(f"{type(self).__name__} got multiple values for argument {key!r}")
+                hyperparameters[key] = value
+        for key in hyperparameters:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, list(allowed), n=3)
+                hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+                raise TypeError(f"{type(self).__name__} got an unexpected keyword argument {key!r}{hint}")
+        if isinstance(params, Tensor):
+            raise TypeError("params argument given to the optimizer should be an iterable of "
+                            f"Tensors or dicts, but got {torch.typename(params)}")
+        defaults = validate_group({**allowed, **hyperparameters}, allowed, self.rules)
+        self.check(defaults)
+        self._transforms: list[Transform] = list(self.build())
+        if self.has_momentum:
+            from ..transforms.cautious import Cautious
+            self._transforms.append(Cautious())
+        self._kernels: dict[Any, Callable] = {}
+        super().__init__(params, defaults)
+
+    def build(self) -> Iterable[Transform]:
+        """The chain of transforms that turns a gradient into an update."""
+        raise NotImplementedError
+
+    def check(self, group: dict) -> None:
+        """Cross-hyperparameter checks of a validated group (raise ValueError)."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {torch.typename(param_group)}")
+        allowed = self.all_defaults()
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k in allowed}}
+        validated = validate_group(merged, allowed, self.rules)
+        self.check(validated)
+        param_group = dict(param_group)
+        param_group.update(validated)
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [self._collect(group) for group in self.param_groups]  # validates before any change
+        for group, (params, grads) in zip(self.param_groups, work):
+            if params:
+                self._step_group(group, params, grads)
+        return loss
+
+    def _collect(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                if not self.supports_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                g = g.to_dense()
+            params.append(p)
+            grads.append(g)
+        return params, grads
+
+    def _state_for(self, p: Tensor, view: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for t in self._transforms:
+                for key, value in getattr(t, "scalar_state", {}).items():
+                    state[key] = torch.tensor(float(value), dtype=torch.float32)
+                state.update(t.init(view, group))
+        return state
+
+    def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        views = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+        gviews = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+        states = [self._state_for(p, v, group) for p, v in zip(params, views)]
+        # Bucket by step count: params that missed steps (grad None) have their own count.
+        buckets: dict[int, list[int]] = {}
+        for i, s in enumerate(states):
+            buckets.setdefault(int(s["step"].item()), []).append(i)
+        for count, idx in buckets.items():
+            if len(buckets) == 1:
+                bp, bg, bs = views, gviews, states
+            else:
+                bp, bg, bs = [views[i] for i in idx], [gviews[i] for i in idx], [states[i] for i in idx]
+            self._run_bucket(group, count + 1, bp, bg, bs)
+
+    def _run_bucket(self, group, step, params, grads, states) -> None:
+        s0 = states[0]
+        sstate_keys = [k for t in self._transforms for k in getattr(t, "scalar_state", {})]
+        sstate = {k: s0[k].item() for k in sstate_keys}
+        hp: dict[str, Any] = {k: v for k, v in group.items() if k != "params"}
+        for t in self._transforms:
+            hp.update(t.scalars(group, step, sstate))
+        tensor_keys = [k for k, v in s0.items() if isinstance(v, Tensor) and k != "step"
+                       and k not in sstate]
+        state_lists = {k: TensorList([s[k] for s in states]) for k in tensor_keys}
+        static, dyn_names, dyn_values = _split(hp)
+        if group["compile"]:
+            key = (tuple(sorted(static.items(), key=lambda kv: kv[0])), tuple(dyn_names), tuple(tensor_keys))
+            kernel = self._kernels.get(key)
+            if kernel is None:
+                kernel = self._kernels[key] = self._compiled_kernel(static, dyn_names)
+            device = params[0].device
+            scalars = torch.tensor(dyn_values, dtype=torch.float32, device=device)
+            kernel(TensorList(params), TensorList(grads), state_lists, scalars)
+        else:
+            hp_eager = _merge(static, dyn_names, dyn_values)
+            self._kernel(TensorList(params), TensorList(grads), state_lists, hp_eager, static)
+        # write back step count and scalar state
+        for s in states:
+            s["step"].fill_(step)
+            for k in sstate_keys:
+                s[k].fill_(sstate[k])
+
+    def _kernel(self, params: TensorList, grads: TensorList, state: dict, hp: dict, static: dict) -> None:
+        if static.get("maximize"):
+            grads = grads.neg()
+        ctx = Context(params=params, grads=grads, state=state, hp=hp, static=static)
+        u = grads
+        for t in self._transforms:
+            u = t(u, ctx)
+        self.apply(u, ctx)
+
+    def _compiled_kernel(self, static: dict, dyn_names: list) -> Callable:
+        kernel_method = self._kernel
+
+        def optimkit_group_step(params, grads, state, scalars):
+            values = scalars.unbind(0)
+            hp = _merge(static, dyn_names, values)
+            kernel_method(params, grads, state, hp, static)
+
+        # A fresh code object per kernel gives each its own compilation cache,
+        # so that groups and optimizers do not share torch.compile's recompile limit.
+        code = optimkit_group_step.__code__.replace(co_name=f"optimkit_step_{id(self)}_{len(self._kernels)}")
+        fn = types.FunctionType(code, optimkit_group_step.__globals__, code.co_name,
+                                None, optimkit_group_step.__closure__)
+        return torch.compile(fn, dynamic=False, fullgraph=True)
+
+    def apply(self, u, ctx: Context) -> None:
+        """Apply the final update: ``p <- p - lr * u``."""
+        lr = ctx.hp["lr"]
+        if isinstance(u, Ratio):
+            ctx.params.addcdiv_(u.num, u.den, -lr * u.scale)
+        else:
+            ctx.params.sub_(u, alpha=lr)
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict; tensors are copied and keep their saved dtype.
+
+        (torch.optim casts floating state to the parameter dtype; optimkit
+        keeps the stored precision, which is part of the optimizer state.)
+        """
+        state_dict = dict(state_dict)
+        saved_state = {k: {kk: (vv.clone() if isinstance(vv, Tensor) else copy.deepcopy(vv))
+                           for kk, vv in v.items()}
+                       for k, v in state_dict["state"].items()}
+        state_dict["state"] = saved_state
+        saved_groups = state_dict["param_groups"]
+        super().load_state_dict(state_dict)
+        id_map = dict(zip(itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                          itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
+        for pid, values in saved_state.items():
+            p = id_map.get(pid)
+            if p is None:
+                continue
+            st = self.state[p]
+            for key, value in values.items():
+                if isinstance(value, Tensor) and key in st and st[key].dtype != value.dtype:
+                    st[key] = value.to(device=p.device if key != "step" else value.device)
+        self._kernels.clear()
+
+
+def _split(hp: dict) -> tuple[dict, list, list]:
+    """Split hyperparameters into static settings and dynamic floats."""
+    static: dict[str, Any] = {}
+    names: list = []
+    values: list[float] = []
+    for k, v in hp.items():
+        if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+            static[k] = v
+        elif isinstance(v, float):
+            static[k] = v != 0.0
+            names.append(k)
+            values.append(v)
+        elif isinstance(v, tuple) and v and all(isinstance(x, float) for x in v):
+            static[k] = tuple(x != 0.0 for x in v)
+            names.extend((k, i) for i in range(len(v)))
+            values.extend(v)
+    return static, names, values
+
+
+def _merge(static: dict, names: list, values) -> dict:
+    hp = dict(static)
+    tuples: dict[str, list] = {}
+    for name, value in zip(names, values):
+        if isinstance(name, tuple):
+            tuples.setdefault(name[0], []).append(value)
+        else:
+            hp[name] = value
+    for k, vs in tuples.items():
+        hp[k] = tuple(vs)
+    return hp

@@ -1,0 +1,61 @@
+"""Registry of optimizers by name: ``create``, ``available``, ``info``."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+_REGISTRY: dict[str, type] = {}
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    name: str
+    cls: type
+    family: str
+    paper: str
+    reference: str
+    state_bytes: float
+    defaults: dict[str, Any]
+
+    def __str__(self) -> str:
+        return (f"{self.name} ({self.cls.__name__}): family={self.family}; paper: {self.paper}; "
+                f"reference: {self.reference}; fp32 state bytes/param: {self.state_bytes}")
+
+
+def register(cls: type) -> type:
+    name = cls.name
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"optimizer name {name!r} registered twice "
+                         f"({_REGISTRY[name].__qualname__} and {cls.__qualname__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _lookup(name: str) -> type:
+    if not isinstance(name, str):
+        raise TypeError(f"optimizer name must be a string, got {type(name).__name__}")
+    key = name.lower().replace("-", "_")
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    close = difflib.get_close_matches(key, list(_REGISTRY), n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise KeyError(f"unknown optimizer {name!r}{hint} (see optimkit.available())")
+
+
+def available() -> list[str]:
+    """Sorted names of all registered optimizers."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, params, **hyperparameters):
+    """Build the optimizer registered under ``name``."""
+    return _lookup(name)(params, **hyperparameters)
+
+
+def info(name: str) -> OptimizerInfo:
+    """Family, paper, reference implementation and fp32 state bytes/param of ``name``."""
+    cls = _lookup(name)
+    return OptimizerInfo(name=cls.name, cls=cls, family=cls.family, paper=cls.paper,
+                         reference=cls.reference, state_bytes=cls.state_bytes,
+                         defaults=dict(cls.defaults))

@@ -1,0 +1,67 @@
+"""The transform protocol: one small step of an update rule over a param group.
+
+A transform sees the whole group at once as :class:`TensorList` objects and
+turns the incoming update ``u`` (initially the gradient) into a new one. It
+may own per-parameter state tensors (created by :meth:`Transform.init`) and
+per-step scalars computed in Python (:meth:`Transform.scalars`), such as bias
+corrections. Keeping scalar math in Python and tensor math in ``__call__`` is
+what lets the same code run eagerly with ``torch._foreach_*`` kernels and
+compiled with hyperparameters passed as tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .tensorlist import TensorList
+
+
+@dataclass
+class Context:
+    """What a transform can see during one group step.
+
+    Attributes:
+        params: the parameters (real views of complex ones).
+        grads: the gradients (negated when ``maximize``).
+        state: per-parameter state tensors by name, each a TensorList aligned with params.
+        hp: hyperparameters and per-step scalars. Floats are Python numbers in
+            eager mode and 0-d tensors in compiled mode; use them only in
+            arithmetic.
+        static: structural settings (bools, strings, ints; for float
+            hyperparameters, whether they are non-zero). Branch on these.
+        step: the step number being taken (1 for the first step), as a Python int.
+    """
+
+    params: TensorList
+    grads: TensorList
+    state: dict[str, TensorList]
+    hp: dict[str, Any]
+    static: dict[str, Any]
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Transform:
+    """Base class of update-rule building blocks."""
+
+    def init(self, p: Tensor, group: dict) -> dict[str, Tensor]:
+        """Per-parameter state tensors for ``p`` (called once, on first use)."""
+        return {}
+
+    def scalars(self, group: dict, step: int, sstate: dict[str, float]) -> dict[str, Any]:
+        """Per-step scalars computed in Python for step number ``step``.
+
+        Return floats (passed as tensors when compiled) and bools (static:
+        changing one selects another compiled kernel). ``sstate`` holds
+        scalar state that persists across steps (e.g. NAdam's momentum
+        product); mutate it in place.
+        """
+        return {}
+
+    def __call__(self, u, ctx: Context):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return type(self).__name__

@@ -1,0 +1,142 @@
+"""Hyperparameter validation: every check names the argument and the value."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import torch
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"Invalid {name}: {value} (NaN)")
+    return value
+
+
+def nonneg(name: str, value: Any) -> float:
+    v = _real(name, value)
+    if v < 0:
+        raise ValueError(f"Invalid {name}: {v} (must be >= 0)")
+    return v
+
+
+def positive(name: str, value: Any) -> float:
+    v = _real(name, value)
+    if not v > 0:
+        raise ValueError(f"Invalid {name}: {v} (must be > 0)")
+    return v
+
+
+def real(name: str, value: Any) -> float:
+    return _real(name, value)
+
+
+def unit(name: str, value: Any) -> float:
+    """A number in [0, 1)."""
+    v = _real(name, value)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"Invalid {name}: {v} (must be in [0, 1))")
+    return v
+
+
+def closed_unit(name: str, value: Any) -> float:
+    """A number in [0, 1]."""
+    v = _real(name, value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"Invalid {name}: {v} (must be in [0, 1])")
+    return v
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def betas(n: int | None = None, check: Callable = unit) -> Callable:
+    """A tuple of ``n`` coefficients each in [0, 1)."""
+
+    def validate(name: str, value: Any) -> tuple:
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"{name} must be a tuple of floats, got {type(value).__name__} {value!r}")
+        if n is not None and len(value) != n:
+            raise ValueError(f"Invalid {name}: {tuple(value)!r} (expected {n} values)")
+        return tuple(check(f"{name}[{i}]", b) for i, b in enumerate(value))
+
+    return validate
+
+
+def choice(*options) -> Callable:
+    def validate(name: str, value: Any):
+        if value not in options:
+            raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, options))})")
+        return value
+
+    return validate
+
+
+def optional(check: Callable) -> Callable:
+    def validate(name: str, value: Any):
+        return None if value is None else check(name, value)
+
+    return validate
+
+
+def cautious_flag(name: str, value: Any):
+    if value is False or value is None:
+        return False
+    if value is True:
+        return "kozistr"
+    if value in ("kozistr", "timm"):
+        return value
+    raise ValueError(f"Invalid {name}: {value!r} (expected a bool, 'kozistr' or 'timm')")
+
+
+#: Rules by hyperparameter name, shared by all optimizers (a class can override).
+RULES: dict[str, Callable] = {
+    "lr": nonneg,
+    "eps": nonneg,
+    "weight_decay": nonneg,
+    "betas": betas(),
+    "momentum": nonneg,
+    "dampening": real,
+    "alpha": nonneg,
+    "rho": closed_unit,
+    "lr_decay": nonneg,
+    "initial_accumulator_value": nonneg,
+    "momentum_decay": nonneg,
+    "maximize": boolean,
+    "compile": boolean,
+    "cautious": cautious_flag,
+}
+
+
+def _by_type(default: Any) -> Callable:
+    if isinstance(default, bool):
+        return boolean
+    if isinstance(default, numbers.Real):
+        return real
+    if isinstance(default, tuple):
+        return betas(len(default), check=real)
+    return lambda name, value: value
+
+
+def validate_group(group: dict, defaults: dict, rules: dict[str, Callable]) -> dict:
+    """Return a validated copy of the hyperparameters in ``group``.
+
+    Every key of ``defaults`` is checked (with the group's value if given,
+    else the default). Keys unknown to the optimizer are left alone, as in
+    torch.optim, so that users can tag groups (e.g. ``name``).
+    """
+    out = {}
+    for key, default in defaults.items():
+        value = group.get(key, default)
+        rule = rules.get(key) or RULES.get(key) or _by_type(default)
+        out[key] = rule(key, value)
+    return out

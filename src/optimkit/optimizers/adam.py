@@ -1,0 +1,68 @@
+"""Adam, AdamW and AMSGrad."""
+from __future__ import annotations
+
+from ..core.optimizer import Optimizer
+from ..transforms import ScaleByAdam, WeightDecay
+
+
+class Adam(Optimizer):
+    r"""Adam (with the ``amsgrad`` flag: AMSGrad).
+
+    Update (as ``torch.optim.Adam``)::
+
+        g <- g + wd * theta                       (or theta <- theta (1 - lr wd) if decoupled_weight_decay)
+        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2;   v_max <- max(v_max, v) (amsgrad)
+        theta <- theta - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    Paper: Kingma & Ba, "Adam: A Method for Stochastic Optimization" (2015); AMSGrad:
+    Reddi et al., "On the Convergence of Adam and Beyond" (2018).
+    Checked against ``torch.optim.Adam``.
+    """
+
+    name = "adam"
+    paper = "Adam: A Method for Stochastic Optimization"
+    reference = "torch.optim.Adam"
+    state_bytes = 8
+    has_momentum = True
+    defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                    decoupled_weight_decay=False)
+
+    def build(self):
+        return [WeightDecay(decoupled="decoupled_weight_decay"), ScaleByAdam()]
+
+
+class AdamW(Adam):
+    r"""AdamW: Adam with decoupled weight decay.
+
+    Update (as ``torch.optim.AdamW``)::
+
+        theta <- theta (1 - lr wd)
+        m, v (and v_max with amsgrad) as Adam
+        theta <- theta - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    Paper: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2019).
+    Checked against ``torch.optim.AdamW``.
+    """
+
+    name = "adamw"
+    paper = "Decoupled Weight Decay Regularization"
+    reference = "torch.optim.AdamW"
+    defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False)
+
+    def build(self):
+        return [WeightDecay(decoupled=True), ScaleByAdam()]
+
+
+class AMSGrad(Adam):
+    r"""AMSGrad: Adam with the running maximum of the second moment (``Adam(amsgrad=True)``).
+
+    Paper: Reddi et al., "On the Convergence of Adam and Beyond" (2018).
+    Checked against ``torch.optim.Adam(amsgrad=True)``.
+    """
+
+    name = "amsgrad"
+    paper = "On the Convergence of Adam and Beyond"
+    reference = "torch.optim.Adam(amsgrad=True)"
+    state_bytes = 12
+    defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=True,
+                    decoupled_weight_decay=False)

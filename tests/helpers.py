@@ -1,0 +1,71 @@
+"""Shared test utilities: deterministic problems and step loops."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+
+SHAPES = [(5, 3), (7,), (2, 3, 4), (1,), (6, 6)]
+
+
+def make_params(shapes=SHAPES, seed: int = 0, dtype=torch.float32) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
+
+
+def grad_stream(params, steps: int, seed: int = 1, scale: float = 1.0):
+    """A fixed sequence of gradients (one list per step) for ``params``."""
+    g = torch.Generator().manual_seed(seed)
+    return [[scale * torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params] for _ in range(steps)]
+
+
+def run_with_grads(opt: torch.optim.Optimizer, params, grads_per_step) -> None:
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+
+
+def two_groups(params, **group1):
+    """Split params into two groups; the second gets ``group1`` overrides."""
+    return [{"params": params[:2]}, {"params": params[2:], **group1}]
+
+
+def mlp_problem(seed: int = 0):
+    """A small MLP regression on a fixed synthetic teacher: (model, loss_fn)."""
+    torch.manual_seed(seed)
+    x = torch.randn(64, 8)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    with torch.no_grad():
+        y = teacher(x)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    return model, lambda m: torch.nn.functional.mse_loss(m(x), y)
+
+
+def digits_problem(seed: int = 0, n: int = 256):
+    """Softmax regression + small MLP on scikit-learn's bundled digits: (model, loss_fn)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data[:n], dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target[:n])
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    return model, lambda m: torch.nn.functional.cross_entropy(m(x), y)
+
+
+def train(model, loss_fn, opt, steps: int, create_graph: bool = False) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model)
+            loss.backward(create_graph=create_graph)
+            return loss
+        losses.append(float(opt.step(closure).detach()))
+    return losses
+
+
+def clone_model(model):
+    return copy.deepcopy(model)
