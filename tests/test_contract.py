@@ -216,3 +216,20 @@ def test_invalid_hyperparameters_raise_naming_the_argument(name):
 def test_unknown_keyword_raises_type_error(name):
     with pytest.raises(TypeError, match="not_a_hyperparameter"):
         ok.create(name, make_params(), not_a_hyperparameter=1.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_equals_eager(name):
+    """compile=True runs the same rule through torch.compile: equal within 1e-6 relative."""
+    a, b = make_params(), make_params()
+    opt_a = ok.create(name, two_groups(a, lr=contract_hp(name).get("lr", ok.info(name).defaults.get("lr", 1.0)) / 2),
+                      **contract_hp(name))
+    opt_b = ok.create(name, two_groups(b, lr=contract_hp(name).get("lr", ok.info(name).defaults.get("lr", 1.0)) / 2),
+                      compile=True, **contract_hp(name))
+    for grads in grad_stream(a, 6):
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
