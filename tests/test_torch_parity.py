@@ -20,6 +20,27 @@ CASES = [
     ("adamw", torch.optim.AdamW, dict(lr=1e-2), dict(weight_decay=0.1, betas=(0.5, 0.9))),
     ("adamw", torch.optim.AdamW, dict(lr=1e-2, amsgrad=True), dict(weight_decay=0.0)),
     ("amsgrad", torch.optim.Adam, dict(lr=1e-2, amsgrad=True), dict(lr=1e-3)),
+    ("nadam", torch.optim.NAdam, dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1)),
+    ("nadam", torch.optim.NAdam, dict(lr=1e-2, momentum_decay=0.05), dict(eps=1e-6, weight_decay=0.01)),
+    ("nadam", torch.optim.NAdam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+     dict(lr=1e-3, momentum_decay=0.0)),
+    # betas[1] = 0.999 rectifies from step 6, 0.99 from step 5; 0.6 never (rho_inf = 4)
+    ("radam", torch.optim.RAdam, dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1)),
+    ("radam", torch.optim.RAdam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+     dict(lr=1e-3, eps=1e-6)),
+    ("radam", torch.optim.RAdam, dict(lr=1e-2, betas=(0.9, 0.6)), dict(betas=(0.5, 0.99))),
+    ("adamax", torch.optim.Adamax, dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1)),
+    ("adamax", torch.optim.Adamax, dict(lr=1e-2, eps=1e-3), dict(weight_decay=0.01, betas=(0.5, 0.9))),
+    ("adagrad", torch.optim.Adagrad, dict(lr=0.05), dict(lr=0.01, weight_decay=0.1)),
+    ("adagrad", torch.optim.Adagrad, dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1),
+     dict(eps=1e-6, lr_decay=0.0)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2), dict(lr=3e-3, alpha=0.9, weight_decay=0.1)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2, momentum=0.9), dict(weight_decay=0.01, eps=1e-6)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2, centered=True), dict(momentum=0.5, alpha=0.95)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-3, centered=True, momentum=0.9, weight_decay=0.01),
+     dict(lr=1e-2, centered=False)),
+    ("adadelta", torch.optim.Adadelta, dict(), dict(lr=0.5, weight_decay=0.1)),
+    ("adadelta", torch.optim.Adadelta, dict(lr=0.5, rho=0.95), dict(eps=1e-4, rho=0.5)),
 ]
 
 
