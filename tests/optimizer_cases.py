@@ -11,6 +11,7 @@ CONTRACT_HP: dict[str, dict] = {
     "adam": dict(lr=1e-2, weight_decay=1e-4),
     "adamw": dict(lr=1e-2),
     "amsgrad": dict(lr=1e-2),
+    "rmsprop": dict(momentum=0.5, centered=True, weight_decay=1e-4),
 }
 
 

@@ -74,3 +74,35 @@ def test_matches_torch(case, compiled):
     ref, _ = _run(theirs, steps)
     for a, b in zip(mine, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_adagrad_sparse_matches_torch(compiled):
+    """Sparse embedding gradients: optimkit densifies them; torch.optim.Adagrad takes its sparse path."""
+    weights = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    embs = [torch.nn.Embedding(12, 4, sparse=True) for _ in range(2)]
+    for e in embs:
+        e.weight.data.copy_(weights)
+    hp = dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1)
+    opts = [ok.create("adagrad", embs[0].parameters(), compile=compiled, **hp),
+            torch.optim.Adagrad(embs[1].parameters(), **hp)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        idx = torch.randint(0, 12, (5,), generator=g)  # repeated indices and untouched rows
+        target = torch.randn(5, 4, generator=g)
+        for e, opt in zip(embs, opts):
+            opt.zero_grad()
+            ((e(idx) - target) ** 2).sum().backward()
+            assert e.weight.grad.is_sparse
+            opt.step()
+    torch.testing.assert_close(embs[0].weight, embs[1].weight)
+
+
+def test_adagrad_rejects_weight_decay_with_sparse_grads():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    before = emb.weight.detach().clone()
+    opt = ok.create("adagrad", emb.parameters(), weight_decay=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="weight_decay"):
+        opt.step()
+    assert torch.equal(emb.weight, before) and len(opt.state) == 0
