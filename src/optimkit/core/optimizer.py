@@ -25,13 +25,16 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import Tensor
 
-from . import registry
+from . import layout, registry
 from .tensorlist import Ratio, TensorList, dense
 from .transform import Context, Transform
-from .validation import validate_group
+from .validation import RULES, nonneg_int, validate_group
 
 #: Options every optimizer accepts, besides its own hyperparameters.
-COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "compile": False}
+COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "compile": False,
+                                   "state_precision": "fp32", "min_quant_size": 4096}
+RULES.setdefault("state_precision", layout.validate_precision)
+RULES.setdefault("min_quant_size", nonneg_int)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -43,6 +46,13 @@ class Optimizer(torch.optim.Optimizer):
     * ``compile`` (bool): run the group step through ``torch.compile``
       (one kernel per group; hyperparameters are passed as tensors so that
       schedulers do not cause recompilation).
+    * ``state_precision``: how state tensors are stored: ``"fp32"`` (default),
+      ``"bf16"``, ``"q8"`` (block-wise dynamic 8-bit), ``"q4"``, ``"fp8"``, or a
+      dict by state name with an optional ``"default"`` (e.g.
+      ``{"exp_avg": "q8", "exp_avg_sq": "bf16"}``). Quantized precisions apply
+      to state tensors of at least ``min_quant_size`` elements (default 4096);
+      smaller ones stay fp32. ``state_precision_overrides={param: "fp32"}``
+      (constructor only) pins chosen parameters, e.g. embeddings.
     * ``cautious`` (bool or ``"kozistr"``/``"timm"``), on optimizers with
       momentum: zero update components whose sign disagrees with the
       gradient, rescaling the rest ("Cautious Optimizers", Liang et al. 2024).
@@ -87,7 +97,7 @@ class Optimizer(torch.optim.Optimizer):
         return out
 
     # ------------------------------------------------------------------ construction
-    def __init__(self, params, *args, **hyperparameters):
+    def __init__(self, params, *args, state_precision_overrides: dict | None = None, **hyperparameters):
         allowed = self.all_defaults()
         if args:  # positional hyperparameters follow the order of ``defaults``
             names = list(self.defaults)
@@ -113,7 +123,26 @@ class Optimizer(torch.optim.Optimizer):
             from ..transforms.cautious import Cautious
             self._transforms.append(Cautious())
         self._kernels: dict[Any, Callable] = {}
+        self._nonnegative = frozenset(n for t in self._transforms for n in getattr(t, "nonnegative", ()))
+        self._precision_overrides = self._check_overrides(state_precision_overrides)
         super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_overrides(overrides) -> dict[int, str]:
+        if overrides is None:
+            return {}
+        if not isinstance(overrides, dict):
+            raise TypeError("state_precision_overrides must be a dict {parameter: precision}, "
+                            f"got {type(overrides).__name__}")
+        out = {}
+        for p, prec in overrides.items():
+            if not isinstance(p, Tensor):
+                raise TypeError(f"state_precision_overrides keys must be parameters, got {type(p).__name__}")
+            if not isinstance(prec, str):
+                raise TypeError("state_precision_overrides values must be precision names, "
+                                f"got {type(prec).__name__}")
+            out[id(p)] = layout.validate_precision("state_precision_overrides", prec)
+        return out
 
     def build(self) -> Iterable[Transform]:
         """The chain of transforms that turns a gradient into an update."""
@@ -165,10 +194,14 @@ class Optimizer(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            override = self._precision_overrides.get(id(p))
             for t in self._transforms:
                 for key, value in getattr(t, "scalar_state", {}).items():
                     state[key] = torch.tensor(float(value), dtype=torch.float32)
-                state.update(t.init(view, group))
+                for key, value in t.init(view, group).items():
+                    prec = layout.choose(group["state_precision"], key, value.numel(),
+                                         group["min_quant_size"], override)
+                    layout.store(state, key, value, prec, signed=key not in self._nonnegative)
         return state
 
     def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -193,43 +226,46 @@ class Optimizer(torch.optim.Optimizer):
         hp: dict[str, Any] = {k: v for k, v in group.items() if k != "params"}
         for t in self._transforms:
             hp.update(t.scalars(group, step, sstate))
-        tensor_keys = [k for k, v in s0.items() if isinstance(v, Tensor) and k != "step"
-                       and k not in sstate]
-        state_lists = {k: TensorList([s[k] for s in states]) for k in tensor_keys}
+        names = layout.state_names(s0, exclude={"step", *sstate_keys})
+        entries, signature = layout.gather(states, names)
         static, dyn_names, dyn_values = _split(hp)
         if group["compile"]:
-            key = (tuple(sorted(static.items(), key=lambda kv: kv[0])), tuple(dyn_names), tuple(tensor_keys))
+            key = (tuple(sorted(static.items(), key=lambda kv: kv[0])), tuple(dyn_names), signature)
             kernel = self._kernels.get(key)
             if kernel is None:
-                kernel = self._kernels[key] = self._compiled_kernel(static, dyn_names)
+                kernel = self._kernels[key] = self._compiled_kernel(static, dyn_names, signature)
             device = params[0].device
             scalars = torch.tensor(dyn_values, dtype=torch.float32, device=device)
-            kernel(TensorList(params), TensorList(grads), state_lists, scalars)
+            kernel(TensorList(params), TensorList(grads), entries, scalars)
         else:
             hp_eager = _merge(static, dyn_names, dyn_values)
-            self._kernel(TensorList(params), TensorList(grads), state_lists, hp_eager, static)
+            self._kernel(TensorList(params), TensorList(grads), entries, signature, hp_eager, static)
         # write back step count and scalar state
         for s in states:
             s["step"].fill_(step)
             for k in sstate_keys:
                 s[k].fill_(sstate[k])
 
-    def _kernel(self, params: TensorList, grads: TensorList, state: dict, hp: dict, static: dict) -> None:
+    def _kernel(self, params: TensorList, grads: TensorList, entries: dict, signature: tuple,
+                hp: dict, static: dict) -> None:
+        """decode state -> rule -> apply -> encode state (one graph when compiled)."""
         if static.get("maximize"):
             grads = grads.neg()
+        state = layout.decode(entries, signature)
         ctx = Context(params=params, grads=grads, state=state, hp=hp, static=static)
         u = grads
         for t in self._transforms:
             u = t(u, ctx)
         self.apply(u, ctx)
+        layout.encode(state, entries, signature)
 
-    def _compiled_kernel(self, static: dict, dyn_names: list) -> Callable:
+    def _compiled_kernel(self, static: dict, dyn_names: list, signature: tuple) -> Callable:
         kernel_method = self._kernel
 
-        def optimkit_group_step(params, grads, state, scalars):
+        def optimkit_group_step(params, grads, entries, scalars):
             values = scalars.unbind(0)
             hp = _merge(static, dyn_names, values)
-            kernel_method(params, grads, state, hp, static)
+            kernel_method(params, grads, entries, signature, hp, static)
 
         # A fresh code object per kernel gives each its own compilation cache,
         # so that groups and optimizers do not share torch.compile's recompile limit.

@@ -44,7 +44,16 @@ class Context:
 
 
 class Transform:
-    """Base class of update-rule building blocks."""
+    """Base class of update-rule building blocks.
+
+    Class attributes:
+        scalar_state: {name: initial value} of per-step scalars kept in the state.
+        nonnegative: names of state tensors that are never negative (second
+            moments); low-bit precisions store them with an unsigned map.
+    """
+
+    scalar_state: dict[str, float] = {}
+    nonnegative: tuple[str, ...] = ()
 
     def init(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         """Per-parameter state tensors for ``p`` (called once, on first use)."""

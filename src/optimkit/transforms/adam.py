@@ -14,6 +14,8 @@ class ScaleByAdam(Transform):
     State: ``exp_avg``, ``exp_avg_sq`` (+ ``max_exp_avg_sq``), named as in torch.optim.
     """
 
+    nonnegative = ("exp_avg_sq", "max_exp_avg_sq")
+
     def init(self, p, group):
         st = {"exp_avg": p.new_zeros(p.shape), "exp_avg_sq": p.new_zeros(p.shape)}
         if group.get("amsgrad"):

@@ -1,0 +1,122 @@
+"""State layout: how each state tensor of each parameter is stored.
+
+The update rule always sees plain float32 (or parameter-dtype) tensors. This
+module decides, per parameter and per state name, the storage precision
+(``fp32``, ``bf16``, ``q8``, ``q4``, ``fp8``: see :mod:`optimkit.state`) and
+converts between storage and working tensors around the rule:
+
+* a plain state is stored under its name, as created by the transform;
+* an encoded state ``name`` is stored as the codec's storage tensors under
+  ``"name:part"`` keys, and ``state["_layout"][name] = (precision, signed, shape)``
+  records how to decode it (so checkpoints are self-describing).
+
+The kernel receives, for every state name, one entry per parameter (a tensor
+or a storage dict) plus a static layout signature, decodes before the rule and
+encodes after it; in compiled mode the three are one graph.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .tensorlist import TensorList
+
+PRECISIONS = ("fp32", "bf16", "q8", "q4", "fp8")
+QUANTIZED = ("q8", "q4", "fp8")
+LAYOUT_KEY = "_layout"
+
+
+def codec(name: str):
+    from ..state import get_codec
+
+    return get_codec(name)
+
+
+def validate_precision(name: str, value: Any):
+    """``state_precision``: a precision name, or a dict {state name or "default": precision}."""
+    if isinstance(value, str):
+        if value not in PRECISIONS:
+            raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(PRECISIONS)})")
+        return value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{name} keys must be state names (str), got {k!r}")
+            validate_precision(f"{name}[{k!r}]", v)
+        return dict(value)
+    raise TypeError(f"{name} must be a str or a dict, got {type(value).__name__} {value!r}")
+
+
+def choose(spec, state_name: str, numel: int, min_quant_size: int, override: str | None) -> str:
+    if override is not None:
+        prec = override
+    elif isinstance(spec, dict):
+        prec = spec.get(state_name, spec.get("default", "fp32"))
+    else:
+        prec = spec
+    if prec in QUANTIZED and numel < min_quant_size:
+        return "fp32"
+    return prec
+
+
+def store(state: dict, name: str, value: Tensor, prec: str, signed: bool) -> None:
+    """Put a freshly created state tensor into ``state`` with precision ``prec``."""
+    if prec == "fp32" or not value.is_floating_point():
+        state[name] = value
+        return
+    c = codec(prec)
+    storage = c.empty(tuple(value.shape), value.device, signed)
+    c.encode_(value.float(), storage, signed)
+    for part, t in storage.items():
+        state[f"{name}:{part}"] = t
+    state.setdefault(LAYOUT_KEY, {})[name] = (prec, signed, tuple(value.shape))
+
+
+def state_names(state: dict, exclude) -> list[str]:
+    """Logical state names of one parameter's state, in a stable order."""
+    layout = state.get(LAYOUT_KEY, {})
+    names = [k for k, v in state.items()
+             if isinstance(v, Tensor) and ":" not in k and k not in exclude]
+    return names + [k for k in layout if k not in names]
+
+
+def gather(states: list[dict], names: list[str]) -> tuple[dict, tuple]:
+    """Kernel inputs for a bucket: {name: [tensor or storage dict per param]} and
+    the static layout signature ((name, (layout or None per param)), ...)."""
+    entries: dict[str, list] = {}
+    signature = []
+    for name in names:
+        row, lay = [], []
+        for s in states:
+            meta = s.get(LAYOUT_KEY, {}).get(name)
+            if meta is None:
+                row.append(s[name])
+            else:
+                prefix = name + ":"
+                row.append({k[len(prefix):]: v for k, v in s.items() if k.startswith(prefix)})
+            lay.append(meta)
+        entries[name] = row
+        signature.append((name, tuple(lay)))
+    return entries, tuple(signature)
+
+
+def decode(entries: dict, signature: tuple) -> dict[str, TensorList]:
+    out = {}
+    for name, lay in signature:
+        row = entries[name]
+        out[name] = TensorList([e if meta is None else codec(meta[0]).decode(e, meta[2], meta[1])
+                                for e, meta in zip(row, lay)])
+    return out
+
+
+def encode(state: dict[str, TensorList], entries: dict, signature: tuple) -> None:
+    for name, lay in signature:
+        for x, e, meta in zip(state[name], entries[name], lay):
+            if meta is not None:
+                codec(meta[0]).encode_(x, e, meta[1])
+
+
+def is_encoded(signature: tuple) -> bool:
+    return any(meta is not None for _, lay in signature for meta in lay)
