@@ -26,13 +26,15 @@ import torch
 from torch import Tensor
 
 from . import layout, registry
+from ..projection.base import projector_state, save_projector_state, validate_projection
 from .tensorlist import Ratio, TensorList, dense
 from .transform import Context, Transform
 from .validation import RULES, nonneg_int, validate_group
 
 #: Options every optimizer accepts, besides its own hyperparameters.
 COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "compile": False,
-                                   "state_precision": "fp32", "min_quant_size": 4096}
+                                   "state_precision": "fp32", "min_quant_size": 4096, "projection": None}
+RULES.setdefault("projection", validate_projection)
 RULES.setdefault("state_precision", layout.validate_precision)
 RULES.setdefault("min_quant_size", nonneg_int)
 
@@ -53,6 +55,10 @@ class Optimizer(torch.optim.Optimizer):
       to state tensors of at least ``min_quant_size`` elements (default 4096);
       smaller ones stay fp32. ``state_precision_overrides={param: "fp32"}``
       (constructor only) pins chosen parameters, e.g. embeddings.
+    * ``projection``: ``None`` (full space) or a projection such as
+      ``optimkit.GaLore(rank=128)``: the rule runs on projected gradients of
+      matrix parameters, with state of the projected shape (see
+      :mod:`optimkit.projection`).
     * ``cautious`` (bool or ``"kozistr"``/``"timm"``), on optimizers with
       momentum: zero update components whose sign disagrees with the
       gradient, rescaling the rest ("Cautious Optimizers", Liang et al. 2024).
@@ -119,6 +125,7 @@ class Optimizer(torch.optim.Optimizer):
         defaults = validate_group({**allowed, **hyperparameters}, allowed, self.rules)
         self.check(defaults)
         self._transforms: list[Transform] = list(self.build())
+        self._check_projection(defaults)
         if self.has_momentum:
             from ..transforms.cautious import Cautious
             self._transforms.append(Cautious())
@@ -151,6 +158,16 @@ class Optimizer(torch.optim.Optimizer):
     def check(self, group: dict) -> None:
         """Cross-hyperparameter checks of a validated group (raise ValueError)."""
 
+    def _check_projection(self, group: dict) -> None:
+        if group.get("projection") is None:
+            return
+        for t in self._transforms:
+            couples = getattr(t, "couples_params", None)
+            if couples is not None and couples(group):
+                raise ValueError(f"Invalid projection: {type(self).__name__} with these settings adds "
+                                 "weight_decay * param to the gradient (L2), which has no projected form "
+                                 "here; use decoupled weight decay or weight_decay=0")
+
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {torch.typename(param_group)}")
@@ -158,6 +175,7 @@ class Optimizer(torch.optim.Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k in allowed}}
         validated = validate_group(merged, allowed, self.rules)
         self.check(validated)
+        self._check_projection(validated)
         param_group = dict(param_group)
         param_group.update(validated)
         super().add_param_group(param_group)
@@ -195,10 +213,15 @@ class Optimizer(torch.optim.Optimizer):
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             override = self._precision_overrides.get(id(p))
+            proj = group.get("projection")
+            like = view
+            if proj is not None and proj.applies(view):
+                save_projector_state(state, proj.init(view))
+                like = view.new_zeros(proj.subspace_shape(view))
             for t in self._transforms:
                 for key, value in getattr(t, "scalar_state", {}).items():
                     state[key] = torch.tensor(float(value), dtype=torch.float32)
-                for key, value in t.init(view, group).items():
+                for key, value in t.init(like, group).items():
                     prec = layout.choose(group["state_precision"], key, value.numel(),
                                          group["min_quant_size"], override)
                     layout.store(state, key, value, prec, signed=key not in self._nonnegative)
@@ -229,6 +252,35 @@ class Optimizer(torch.optim.Optimizer):
         names = layout.state_names(s0, exclude={"step", *sstate_keys})
         entries, signature = layout.gather(states, names)
         static, dyn_names, dyn_values = _split(hp)
+        proj = group.get("projection")
+        projected = [proj is not None and proj.applies(p) for p in params]
+        if any(projected):
+            # negate before projecting: the projection also sees the full gradient
+            if static.get("maximize"):
+                grads = [-g for g in grads]
+            static = {**static, "maximize": False, "_projected": True}
+            full_grads = grads
+            pstates = [projector_state(s) if f else None for s, f in zip(states, projected)]
+            grads = [proj.project(g, ps, step) if f else g for g, ps, f in zip(grads, pstates, projected)]
+        u = self._launch(group, params, grads, entries, signature, static, dyn_names, dyn_values)
+        if any(projected):
+            full = [proj.back(ui, r, g, ps, step) if f else ui
+                    for ui, r, g, ps, f in zip(u, grads, full_grads, pstates, projected)]
+            for s, ps, f in zip(states, pstates, projected):
+                if f:
+                    save_projector_state(s, ps)
+            hp_eager = _merge(static, dyn_names, dyn_values)
+            ctx = Context(params=TensorList(params), grads=TensorList(full_grads), state={},
+                          hp=hp_eager, static=static)
+            self.apply(TensorList(full), ctx)
+        # write back step count and scalar state
+        for s in states:
+            s["step"].fill_(step)
+            for k in sstate_keys:
+                s[k].fill_(sstate[k])
+
+    def _launch(self, group, params, grads, entries, signature, static, dyn_names, dyn_values):
+        """Run the kernel, eagerly or compiled; returns the update if it was not applied."""
         if group["compile"]:
             key = (tuple(sorted(static.items(), key=lambda kv: kv[0])), tuple(dyn_names), signature)
             kernel = self._kernels.get(key)
@@ -236,19 +288,16 @@ class Optimizer(torch.optim.Optimizer):
                 kernel = self._kernels[key] = self._compiled_kernel(static, dyn_names, signature)
             device = params[0].device
             scalars = torch.tensor(dyn_values, dtype=torch.float32, device=device)
-            kernel(TensorList(params), TensorList(grads), entries, scalars)
-        else:
-            hp_eager = _merge(static, dyn_names, dyn_values)
-            self._kernel(TensorList(params), TensorList(grads), entries, signature, hp_eager, static)
-        # write back step count and scalar state
-        for s in states:
-            s["step"].fill_(step)
-            for k in sstate_keys:
-                s[k].fill_(sstate[k])
+            return kernel(TensorList(params), TensorList(grads), entries, scalars)
+        hp_eager = _merge(static, dyn_names, dyn_values)
+        return self._kernel(TensorList(params), TensorList(grads), entries, signature, hp_eager, static)
 
     def _kernel(self, params: TensorList, grads: TensorList, entries: dict, signature: tuple,
-                hp: dict, static: dict) -> None:
-        """decode state -> rule -> apply -> encode state (one graph when compiled)."""
+                hp: dict, static: dict):
+        """decode state -> rule -> apply -> encode state (one graph when compiled).
+
+        With a projection (``static["_projected"]``) the update is returned
+        instead of applied: the facade maps it back to full space first."""
         if static.get("maximize"):
             grads = grads.neg()
         state = layout.decode(entries, signature)
@@ -256,8 +305,13 @@ class Optimizer(torch.optim.Optimizer):
         u = grads
         for t in self._transforms:
             u = t(u, ctx)
-        self.apply(u, ctx)
+        if static.get("_projected"):
+            u = list(dense(u))
+        else:
+            self.apply(u, ctx)
+            u = None
         layout.encode(state, entries, signature)
+        return u
 
     def _compiled_kernel(self, static: dict, dyn_names: list, signature: tuple) -> Callable:
         kernel_method = self._kernel
@@ -265,7 +319,7 @@ class Optimizer(torch.optim.Optimizer):
         def optimkit_group_step(params, grads, entries, scalars):
             values = scalars.unbind(0)
             hp = _merge(static, dyn_names, values)
-            kernel_method(params, grads, entries, signature, hp, static)
+            return kernel_method(params, grads, entries, signature, hp, static)
 
         # A fresh code object per kernel gives each its own compilation cache,
         # so that groups and optimizers do not share torch.compile's recompile limit.

@@ -18,6 +18,11 @@ class WeightDecay(Transform):
         self.decoupled = decoupled
         self.key = key
 
+    def couples_params(self, group: dict) -> bool:
+        """True when this adds ``wd * theta`` to the gradient (L2) for ``group``."""
+        decoupled = group[self.decoupled] if isinstance(self.decoupled, str) else self.decoupled
+        return group[self.key] != 0 and not decoupled
+
     def __call__(self, u, ctx: Context):
         if not ctx.static[self.key]:
             return u

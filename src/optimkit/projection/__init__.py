@@ -1,0 +1,4 @@
+"""Subspace projections usable with every optimizer (``projection=``)."""
+from .base import Projection
+
+__all__ = ["Projection"]
