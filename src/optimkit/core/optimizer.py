@@ -29,14 +29,17 @@ from . import layout, registry
 from ..projection.base import projector_state, save_projector_state, validate_projection
 from .tensorlist import Ratio, TensorList, dense
 from .transform import Context, Transform
-from .validation import RULES, nonneg_int, validate_group
+from .validation import RULES, choice, nonneg_int, optional, validate_group
 
 #: Options every optimizer accepts, besides its own hyperparameters.
 COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "compile": False,
-                                   "state_precision": "fp32", "min_quant_size": 4096, "projection": None}
+                                   "state_precision": "fp32", "min_quant_size": 4096, "projection": None,
+                                   "bf16_compensation": None}
 RULES.setdefault("projection", validate_projection)
 RULES.setdefault("state_precision", layout.validate_precision)
 RULES.setdefault("min_quant_size", nonneg_int)
+RULES.setdefault("bf16_compensation", optional(choice("kahan", "stochastic_rounding")))
+KAHAN_KEY = "kahan_comp"
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -59,6 +62,12 @@ class Optimizer(torch.optim.Optimizer):
       ``optimkit.GaLore(rank=128)``: the rule runs on projected gradients of
       matrix parameters, with state of the projected shape (see
       :mod:`optimkit.projection`).
+    * ``bf16_compensation``: for bfloat16 parameters trained without fp32
+      master weights: ``None`` (the rule runs in bf16 and rounds to nearest),
+      ``"kahan"`` (the step is computed in fp32 and the rounding error is
+      carried in a bf16 compensation buffer, state ``kahan_comp``) or
+      ``"stochastic_rounding"`` (fp32 step, unbiased stochastic rounding to
+      bf16; draws from torch's global generator).
     * ``cautious`` (bool or ``"kozistr"``/``"timm"``), on optimizers with
       momentum: zero update components whose sign disagrees with the
       gradient, rescaling the rest ("Cautious Optimizers", Liang et al. 2024).
@@ -225,6 +234,8 @@ class Optimizer(torch.optim.Optimizer):
                     prec = layout.choose(group["state_precision"], key, value.numel(),
                                          group["min_quant_size"], override)
                     layout.store(state, key, value, prec, signed=key not in self._nonnegative)
+            if group["bf16_compensation"] == "kahan" and view.dtype == torch.bfloat16:
+                state[KAHAN_KEY] = torch.zeros_like(view)
         return state
 
     def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -232,10 +243,11 @@ class Optimizer(torch.optim.Optimizer):
         gviews = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
         states = [self._state_for(p, v, group) for p, v in zip(params, views)]
         # Bucket by step count: params that missed steps (grad None) have their own count.
-        buckets: dict[int, list[int]] = {}
-        for i, s in enumerate(states):
-            buckets.setdefault(int(s["step"].item()), []).append(i)
-        for count, idx in buckets.items():
+        # Bucket by step count (params that missed steps keep their own count) and dtype.
+        buckets: dict[tuple, list[int]] = {}
+        for i, (s, v) in enumerate(zip(states, views)):
+            buckets.setdefault((int(s["step"].item()), v.dtype), []).append(i)
+        for (count, _), idx in buckets.items():
             if len(buckets) == 1:
                 bp, bg, bs = views, gviews, states
             else:
@@ -249,7 +261,7 @@ class Optimizer(torch.optim.Optimizer):
         hp: dict[str, Any] = {k: v for k, v in group.items() if k != "params"}
         for t in self._transforms:
             hp.update(t.scalars(group, step, sstate))
-        names = layout.state_names(s0, exclude={"step", *sstate_keys})
+        names = layout.state_names(s0, exclude={"step", KAHAN_KEY, *sstate_keys})
         entries, signature = layout.gather(states, names)
         static, dyn_names, dyn_values = _split(hp)
         proj = group.get("projection")
@@ -262,24 +274,28 @@ class Optimizer(torch.optim.Optimizer):
             full_grads = grads
             pstates = [projector_state(s) if f else None for s, f in zip(states, projected)]
             grads = [proj.project(g, ps, step) if f else g for g, ps, f in zip(grads, pstates, projected)]
-        u = self._launch(group, params, grads, entries, signature, static, dyn_names, dyn_values)
+        comp = TensorList([s[KAHAN_KEY] for s in states]) if KAHAN_KEY in s0 else None
+        out = self._launch(group, params, grads, entries, signature, static, dyn_names, dyn_values, comp)
         if any(projected):
+            u, work = out
             full = [proj.back(ui, r, g, ps, step) if f else ui
                     for ui, r, g, ps, f in zip(u, grads, full_grads, pstates, projected)]
             for s, ps, f in zip(states, pstates, projected):
                 if f:
                     save_projector_state(s, ps)
             hp_eager = _merge(static, dyn_names, dyn_values)
-            ctx = Context(params=TensorList(params), grads=TensorList(full_grads), state={},
+            ctx = Context(params=TensorList(work), grads=TensorList(full_grads), state={},
                           hp=hp_eager, static=static)
             self.apply(TensorList(full), ctx)
+            if work[0] is not params[0]:
+                _round_to_bf16(params, work, static["bf16_compensation"], comp)
         # write back step count and scalar state
         for s in states:
             s["step"].fill_(step)
             for k in sstate_keys:
                 s[k].fill_(sstate[k])
 
-    def _launch(self, group, params, grads, entries, signature, static, dyn_names, dyn_values):
+    def _launch(self, group, params, grads, entries, signature, static, dyn_names, dyn_values, comp):
         """Run the kernel, eagerly or compiled; returns the update if it was not applied."""
         if group["compile"]:
             key = (tuple(sorted(static.items(), key=lambda kv: kv[0])), tuple(dyn_names), signature)
@@ -288,38 +304,41 @@ class Optimizer(torch.optim.Optimizer):
                 kernel = self._kernels[key] = self._compiled_kernel(static, dyn_names, signature)
             device = params[0].device
             scalars = torch.tensor(dyn_values, dtype=torch.float32, device=device)
-            return kernel(TensorList(params), TensorList(grads), entries, scalars)
+            return kernel(TensorList(params), TensorList(grads), entries, scalars, comp)
         hp_eager = _merge(static, dyn_names, dyn_values)
-        return self._kernel(TensorList(params), TensorList(grads), entries, signature, hp_eager, static)
+        return self._kernel(TensorList(params), TensorList(grads), entries, signature, hp_eager, static, comp)
 
     def _kernel(self, params: TensorList, grads: TensorList, entries: dict, signature: tuple,
-                hp: dict, static: dict):
+                hp: dict, static: dict, comp):
         """decode state -> rule -> apply -> encode state (one graph when compiled).
 
         With a projection (``static["_projected"]``) the update is returned
-        instead of applied: the facade maps it back to full space first."""
+        instead of applied (with the working params): the facade maps it back
+        to full space first."""
         if static.get("maximize"):
             grads = grads.neg()
         state = layout.decode(entries, signature)
-        ctx = Context(params=params, grads=grads, state=state, hp=hp, static=static)
+        low = bool(static.get("bf16_compensation")) and params[0].dtype == torch.bfloat16
+        work = TensorList([p.float() for p in params]) if low else params
+        ctx = Context(params=work, grads=grads, state=state, hp=hp, static=static)
         u = grads
         for t in self._transforms:
             u = t(u, ctx)
-        if static.get("_projected"):
-            u = list(dense(u))
-        else:
-            self.apply(u, ctx)
-            u = None
         layout.encode(state, entries, signature)
-        return u
+        if static.get("_projected"):
+            return list(dense(u)), list(work)
+        self.apply(u, ctx)
+        if low:
+            _round_to_bf16(params, work, static["bf16_compensation"], comp)
+        return None
 
     def _compiled_kernel(self, static: dict, dyn_names: list, signature: tuple) -> Callable:
         kernel_method = self._kernel
 
-        def optimkit_group_step(params, grads, entries, scalars):
+        def optimkit_group_step(params, grads, entries, scalars, comp):
             values = scalars.unbind(0)
             hp = _merge(static, dyn_names, values)
-            return kernel_method(params, grads, entries, signature, hp, static)
+            return kernel_method(params, grads, entries, signature, hp, static, comp)
 
         # A fresh code object per kernel gives each its own compilation cache,
         # so that groups and optimizers do not share torch.compile's recompile limit.
@@ -361,6 +380,32 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(value, Tensor) and key in st and st[key].dtype != value.dtype:
                     st[key] = value.to(device=p.device if key != "step" else value.device)
         self._kernels.clear()
+
+
+def _round_to_bf16(params, work, mode: str, comp) -> None:
+    """Write fp32 working params back to bf16 params: Kahan-compensated or
+    stochastically rounded."""
+    if mode == "kahan":
+        for p, w, c in zip(params, work, comp):
+            target = w + c.float()           # new value plus the carried rounding error
+            rounded = _round_nearest_bf16(target)
+            p.copy_(rounded)                 # exact: rounded is representable in bf16
+            c.copy_(target - rounded)        # what rounding lost, carried to the next step
+    else:
+        from ..state.codecs import stochastic_round_bf16
+
+        for p, w in zip(params, work):
+            p.copy_(stochastic_round_bf16(w))
+
+
+def _round_nearest_bf16(x: Tensor) -> Tensor:
+    """float32 -> nearest bfloat16 value (ties to even), kept in float32.
+
+    Done on the bit pattern so that a compiler cannot fold a
+    float32 -> bfloat16 -> float32 round trip away."""
+    bits = x.view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return bits.view(torch.float32)
 
 
 def _split(hp: dict) -> tuple[dict, list, list]:
