@@ -23,8 +23,12 @@ class Lion(Optimizer):
 
     Paper: Chen et al., "Symbolic Discovery of Optimization Algorithms" (2023).
     Checked against ``lion_pytorch.Lion`` (pip ``lion-pytorch``) and
-    ``pytorch_optimizer.Lion``. lion_pytorch's ``decoupled_weight_decay=True``
-    (decay divided by the initial lr) is not offered.
+    ``pytorch_optimizer.Lion``.
+
+    Pitfalls: lion_pytorch's ``decoupled_weight_decay=True`` divides the decay by
+    the *initial* lr (fully decoupled decay); that option is not offered here.
+    ``sign(0) = 0``: a coordinate whose interpolated momentum is exactly zero does
+    not move.
     """
 
     name = "lion"
