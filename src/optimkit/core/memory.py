@@ -21,7 +21,8 @@ def _placement(t: Tensor, disk_ids: set[int]) -> str:
 
 
 def _disk_ids(opt) -> set[int]:
-    return set(getattr(opt, "_disk_tensors", {}).keys())
+    placement = getattr(opt, "_placement", None)
+    return set(placement.disk_tensors) if placement is not None else set()
 
 
 def state_bytes(opt, by_placement: bool = False):

@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import Tensor
 
-from . import layout, registry
+from . import layout, placement, registry
 from ..projection.base import projector_state, save_projector_state, validate_projection
 from .tensorlist import Ratio, TensorList, dense
 from .transform import Context, Transform
@@ -34,11 +34,12 @@ from .validation import RULES, choice, nonneg_int, optional, validate_group
 #: Options every optimizer accepts, besides its own hyperparameters.
 COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "compile": False,
                                    "state_precision": "fp32", "min_quant_size": 4096, "projection": None,
-                                   "bf16_compensation": None}
+                                   "bf16_compensation": None, "state_placement": "device"}
 RULES.setdefault("projection", validate_projection)
 RULES.setdefault("state_precision", layout.validate_precision)
 RULES.setdefault("min_quant_size", nonneg_int)
 RULES.setdefault("bf16_compensation", optional(choice("kahan", "stochastic_rounding")))
+RULES.setdefault("state_placement", choice("device", "cpu", "disk"))
 KAHAN_KEY = "kahan_comp"
 
 
@@ -68,6 +69,11 @@ class Optimizer(torch.optim.Optimizer):
       carried in a bf16 compensation buffer, state ``kahan_comp``) or
       ``"stochastic_rounding"`` (fp32 step, unbiased stochastic rounding to
       bf16; draws from torch's global generator).
+    * ``state_placement``: ``"device"`` (default: next to the parameters),
+      ``"cpu"`` (host memory; moved to the device for the step) or ``"disk"``
+      (memory-mapped files under ``state_dir``, a constructor argument: state
+      larger than RAM still trains; the group is stepped one parameter at a
+      time while a background thread pages in the next parameter's state).
     * ``cautious`` (bool or ``"kozistr"``/``"timm"``), on optimizers with
       momentum: zero update components whose sign disagrees with the
       gradient, rescaling the rest ("Cautious Optimizers", Liang et al. 2024).
@@ -89,6 +95,9 @@ class Optimizer(torch.optim.Optimizer):
     has_momentum: ClassVar[bool] = False
     #: sparse gradients are densified instead of rejected
     supports_sparse: ClassVar[bool] = False
+    #: the rule couples the tensors of a group (e.g. a group-wide norm), so the
+    #: group cannot be stepped one tensor at a time
+    group_coupled: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -112,7 +121,8 @@ class Optimizer(torch.optim.Optimizer):
         return out
 
     # ------------------------------------------------------------------ construction
-    def __init__(self, params, *args, state_precision_overrides: dict | None = None, **hyperparameters):
+    def __init__(self, params, *args, state_precision_overrides: dict | None = None,
+                 state_dir: str | None = None, **hyperparameters):
         allowed = self.all_defaults()
         if args:  # positional hyperparameters follow the order of ``defaults``
             names = list(self.defaults)
@@ -133,6 +143,7 @@ class Optimizer(torch.optim.Optimizer):
                             f"Tensors or dicts, but got {torch.typename(params)}")
         defaults = validate_group({**allowed, **hyperparameters}, allowed, self.rules)
         self.check(defaults)
+        placement.check_state_dir(defaults, state_dir)
         self._transforms: list[Transform] = list(self.build())
         self._check_projection(defaults)
         if self.has_momentum:
@@ -141,6 +152,7 @@ class Optimizer(torch.optim.Optimizer):
         self._kernels: dict[Any, Callable] = {}
         self._nonnegative = frozenset(n for t in self._transforms for n in getattr(t, "nonnegative", ()))
         self._precision_overrides = self._check_overrides(state_precision_overrides)
+        self._placement = placement.Placement(state_dir)
         super().__init__(params, defaults)
 
     @staticmethod
@@ -185,6 +197,7 @@ class Optimizer(torch.optim.Optimizer):
         validated = validate_group(merged, allowed, self.rules)
         self.check(validated)
         self._check_projection(validated)
+        placement.check_state_dir(validated, self._placement.root)
         param_group = dict(param_group)
         param_group.update(validated)
         super().add_param_group(param_group)
@@ -236,6 +249,7 @@ class Optimizer(torch.optim.Optimizer):
                     layout.store(state, key, value, prec, signed=key not in self._nonnegative)
             if group["bf16_compensation"] == "kahan" and view.dtype == torch.bfloat16:
                 state[KAHAN_KEY] = torch.zeros_like(view)
+            self._placement.place(state, group["state_placement"])
         return state
 
     def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -247,7 +261,15 @@ class Optimizer(torch.optim.Optimizer):
         buckets: dict[tuple, list[int]] = {}
         for i, (s, v) in enumerate(zip(states, views)):
             buckets.setdefault((int(s["step"].item()), v.dtype), []).append(i)
+        streamed = group["state_placement"] == "disk" and not self.group_coupled
         for (count, _), idx in buckets.items():
+            if streamed:  # one parameter at a time, paging in the next one's state meanwhile
+                for j, i in enumerate(idx):
+                    ahead = placement.prefetch(states[idx[j + 1]]) if j + 1 < len(idx) else None
+                    self._run_bucket(group, count + 1, [views[i]], [gviews[i]], [states[i]])
+                    if ahead is not None:
+                        ahead.join()
+                continue
             if len(buckets) == 1:
                 bp, bg, bs = views, gviews, states
             else:
@@ -275,7 +297,13 @@ class Optimizer(torch.optim.Optimizer):
             pstates = [projector_state(s) if f else None for s, f in zip(states, projected)]
             grads = [proj.project(g, ps, step) if f else g for g, ps, f in zip(grads, pstates, projected)]
         comp = TensorList([s[KAHAN_KEY] for s in states]) if KAHAN_KEY in s0 else None
+        home = None
+        device = params[0].device
+        if group["state_placement"] != "device" and placement.needs_transfer(entries, device):
+            home, entries = entries, placement.to_device(entries, device)
         out = self._launch(group, params, grads, entries, signature, static, dyn_names, dyn_values, comp)
+        if home is not None:
+            placement.copy_back(entries, home)
         if any(projected):
             u, work = out
             full = [proj.back(ui, r, g, ps, step) if f else ui
@@ -376,9 +404,15 @@ class Optimizer(torch.optim.Optimizer):
             if p is None:
                 continue
             st = self.state[p]
+            if layout.LAYOUT_KEY in values:  # torch's loader mangles strings inside state
+                st[layout.LAYOUT_KEY] = copy.deepcopy(values[layout.LAYOUT_KEY])
             for key, value in values.items():
                 if isinstance(value, Tensor) and key in st and st[key].dtype != value.dtype:
                     st[key] = value.to(device=p.device if key != "step" else value.device)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state:
+                    self._placement.place(self.state[p], group["state_placement"])
         self._kernels.clear()
 
 
