@@ -8,7 +8,7 @@
 from . import optimizers as _optimizers  # registers every optimizer
 from .core import Optimizer, Transform, available, create, info
 from .core.memory import memory_report, state_bytes
-from .projection import Projection
+from .projection import APOLLO, FRUGAL, APOLLOMini, GaLore, Projection
 from .core.registry import _REGISTRY
 
 __version__ = "0.1.0"
@@ -16,6 +16,6 @@ __version__ = "0.1.0"
 for _cls in _REGISTRY.values():
     globals()[_cls.__name__] = _cls
 
-__all__ = sorted(["Optimizer", "Projection", "Transform", "available", "create", "info", "memory_report",
+__all__ = sorted(["APOLLO", "APOLLOMini", "FRUGAL", "GaLore", "Optimizer", "Projection", "Transform", "available", "create", "info", "memory_report",
                   "state_bytes"]
                  + [c.__name__ for c in _REGISTRY.values()])
