@@ -276,6 +276,12 @@ class Optimizer(torch.optim.Optimizer):
                 bp, bg, bs = [views[i] for i in idx], [gviews[i] for i in idx], [states[i] for i in idx]
             self._run_bucket(group, count + 1, bp, bg, bs)
 
+    def fast_step(self, group: dict, hp: dict, params: list[Tensor], grads: list[Tensor],
+                  states: list[dict]) -> list[int]:
+        """Hook for hand-written fused kernels: update the parameters it can and
+        return their indices; the rest take the transform chain. Default: none."""
+        return []
+
     def _run_bucket(self, group, step, params, grads, states) -> None:
         s0 = states[0]
         sstate_keys = [k for t in self._transforms for k in getattr(t, "scalar_state", {})]
@@ -283,6 +289,21 @@ class Optimizer(torch.optim.Optimizer):
         hp: dict[str, Any] = {k: v for k, v in group.items() if k != "params"}
         for t in self._transforms:
             hp.update(t.scalars(group, step, sstate))
+        all_states = states
+        done = self.fast_step(group, hp, params, grads, states) if group.get("projection") is None else []
+        if done:
+            rest = [i for i in range(len(params)) if i not in set(done)]
+            params, grads, states = [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest]
+        if params:
+            self._run_chain(group, step, params, grads, states, hp, sstate_keys)
+        # write back step count and scalar state
+        for s in all_states:
+            s["step"].fill_(step)
+            for k in sstate_keys:
+                s[k].fill_(sstate[k])
+
+    def _run_chain(self, group, step, params, grads, states, hp, sstate_keys) -> None:
+        s0 = states[0]
         names = layout.state_names(s0, exclude={"step", KAHAN_KEY, *sstate_keys})
         entries, signature = layout.gather(states, names)
         static, dyn_names, dyn_values = _split(hp)
@@ -317,11 +338,6 @@ class Optimizer(torch.optim.Optimizer):
             self.apply(TensorList(full), ctx)
             if work[0] is not params[0]:
                 _round_to_bf16(params, work, static["bf16_compensation"], comp)
-        # write back step count and scalar state
-        for s in states:
-            s["step"].fill_(step)
-            for k in sstate_keys:
-                s[k].fill_(sstate[k])
 
     def _launch(self, group, params, grads, entries, signature, static, dyn_names, dyn_values, comp):
         """Run the kernel, eagerly or compiled; returns the update if it was not applied."""

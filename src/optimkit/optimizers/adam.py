@@ -1,6 +1,8 @@
 """Adam, AdamW and AMSGrad."""
 from __future__ import annotations
 
+import torch
+
 from ..core.optimizer import Optimizer
 from ..transforms import ScaleByAdam, WeightDecay
 
@@ -29,6 +31,31 @@ class Adam(Optimizer):
 
     def build(self):
         return [WeightDecay(decoupled="decoupled_weight_decay"), ScaleByAdam()]
+
+    def fast_step(self, group, hp, params, grads, states):
+        """Fused CPU kernel for q8 moments (optimkit.kernels.q8_adamw), where it applies."""
+        decoupled = type(self) is not Adam or group["decoupled_weight_decay"] or group["weight_decay"] == 0
+        if (group["state_precision"] == "fp32" or group["amsgrad"] or group["maximize"] or not decoupled
+                or group.get("cautious") or group["bf16_compensation"]):
+            return []
+        from ..kernels import q8_adamw
+
+        done = []
+        for i, (p, g, st) in enumerate(zip(params, grads, states)):
+            lay = st.get("_layout", {})
+            if (p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32
+                    and p.is_contiguous() and g.is_contiguous()
+                    and lay.get("exp_avg", ("",))[:2] == ("q8", True)
+                    and lay.get("exp_avg_sq", ("",))[:2] == ("q8", False)
+                    and st["exp_avg:codes"].device.type == "cpu"):
+                if not done and not q8_adamw.available():
+                    return []
+                q8_adamw.step(p, g, {"codes": st["exp_avg:codes"], "absmax": st["exp_avg:absmax"]},
+                              {"codes": st["exp_avg_sq:codes"], "absmax": st["exp_avg_sq:absmax"]},
+                              lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                              weight_decay=group["weight_decay"], bc1=hp["bc1"], bc2_sqrt=hp["bc2_sqrt"])
+                done.append(i)
+        return done
 
 
 class AdamW(Adam):
