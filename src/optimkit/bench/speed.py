@@ -13,6 +13,7 @@ by the measured copy bandwidth: no implementation can be faster.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -41,18 +42,67 @@ def transformer_shapes(target_params: float = 8e6, d_model: int = 256, vocab: in
 class Contender:
     name: str
     make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
-    bytes_per_param: float  # state bytes per parameter (fp32 = 4 per state tensor)
+    moved_bytes: float  # bytes per parameter a step must read + write (params, grads, state)
+    context: Callable = contextlib.nullcontext  # wraps each step (e.g. to force a path)
     times: list[float] = field(default_factory=list)
+    state_bytes: float = float("nan")
 
 
-def default_contenders(device: str = "cpu") -> list[Contender]:
+def _reference_path():
+    from ..kernels import q8_adamw
+
+    return q8_adamw.disabled()
+
+
+def default_contenders(device: str = "cpu", precisions: bool = True, peers: bool = True) -> list[Contender]:
+    """torch's AdamW (fused, foreach), optimkit's AdamW on each execution path
+    and, with ``precisions``, in q8/q4; with ``peers``, the 8-bit AdamWs of
+    bitsandbytes and torchao when they are installed."""
     out = [
-        Contender("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), 8),
-        Contender("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), 8),
-        Contender("optimkit AdamW eager", lambda ps: ok.AdamW(ps, lr=1e-3), 8),
-        Contender("optimkit AdamW compiled", lambda ps: ok.AdamW(ps, lr=1e-3, compile=True), 8),
+        Contender("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), 28),
+        Contender("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), 28),
+        Contender("optimkit AdamW eager", lambda ps: ok.AdamW(ps, lr=1e-3), 28),
+        Contender("optimkit AdamW compiled", lambda ps: ok.AdamW(ps, lr=1e-3, compile=True), 28),
     ]
+    if precisions:
+        out += [
+            Contender("optimkit q8 AdamW fast", lambda ps: ok.AdamW(ps, lr=1e-3, state_precision="q8"), 16),
+            Contender("optimkit q8 AdamW compiled", lambda ps: ok.AdamW(ps, lr=1e-3, state_precision="q8",
+                                                                      compile=True), 16, _reference_path),
+            Contender("optimkit q4 AdamW compiled", lambda ps: ok.AdamW(ps, lr=1e-3, state_precision="q4",
+                                                                      compile=True), 14),
+        ]
+    if peers:
+        try:
+            import bitsandbytes as bnb  # noqa: F401
+
+            out.append(Contender("bitsandbytes AdamW8bit",
+                                 lambda ps: __import__("bitsandbytes").optim.AdamW8bit(ps, lr=1e-3), 16))
+        except Exception:  # not installed, or no usable backend
+            pass
+        try:
+            from torchao.optim import AdamW8bit  # noqa: F401
+
+            out.append(Contender("torchao AdamW8bit",
+                                 lambda ps: __import__("torchao.optim", fromlist=["AdamW8bit"]).AdamW8bit(ps, lr=1e-3),
+                                 16))
+        except Exception:
+            pass
     return out
+
+
+def _measured_state_bytes(opt) -> float:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                inner = getattr(v, "__tensor_flatten__", None)
+                if inner is not None:  # tensor subclasses (torchao) hold their data in inner tensors
+                    names, _ = v.__tensor_flatten__()
+                    total += sum(getattr(v, n).numel() * getattr(v, n).element_size() for n in names)
+                else:
+                    total += v.numel() * v.element_size()
+    return total
 
 
 def copy_bandwidth(n_bytes: int = 256 << 20, repeats: int = 7, device: str = "cpu") -> float:
@@ -90,22 +140,30 @@ def run(target_params: float = 8e6, rounds: int = 15, steps_per_round: int = 3, 
         params = [torch.nn.Parameter(t.clone().to(device)) for t in init]
         for p, g in zip(params, grads):
             p.grad = g.to(device)
-        opt = c.make(params)
-        t0 = time.perf_counter()
-        for _ in range(warmup):  # includes compilation
-            opt.step()
-        _sync(device)
+        try:
+            opt = c.make(params)
+            t0 = time.perf_counter()
+            with c.context():
+                for _ in range(warmup):  # includes compilation
+                    opt.step()
+            _sync(device)
+        except Exception as e:  # a peer that cannot run here is reported, not fatal
+            if progress:
+                progress(f"{c.name}: skipped ({type(e).__name__}: {str(e)[:80]})")
+            continue
+        c.state_bytes = _measured_state_bytes(opt) / n
         if progress:
             progress(f"{c.name}: warm-up {time.perf_counter() - t0:.1f}s")
         runs.append((c, opt))
     for _ in range(rounds):
         for c, opt in runs:
-            for _ in range(steps_per_round):
-                _sync(device)
-                t = time.perf_counter()
-                opt.step()
-                _sync(device)
-                c.times.append(time.perf_counter() - t)
+            with c.context():
+                for _ in range(steps_per_round):
+                    _sync(device)
+                    t = time.perf_counter()
+                    opt.step()
+                    _sync(device)
+                    c.times.append(time.perf_counter() - t)
     bw = copy_bandwidth(device=device)
     results = []
     base = None
@@ -114,26 +172,27 @@ def run(target_params: float = 8e6, rounds: int = 15, steps_per_round: int = 3, 
         if c.name == "torch AdamW fused":
             base = med
         results.append({"name": c.name, "median_s": med, "ns_per_param": med / n * 1e9,
-                        "state_bytes_per_param": c.bytes_per_param})
+                        "state_bytes_per_param": c.state_bytes, "moved_bytes_per_param": c.moved_bytes,
+                        "bandwidth_limit_s": c.moved_bytes * n / bw})
     for r in results:
         r["vs_torch_fused"] = r["median_s"] / base if base else None
-    # AdamW moves: params r/w (8) + grads r (4) + two fp32 states r/w (16) bytes/param.
-    limit = 28 * n / bw
+        r["limit_vs_torch_fused"] = r["bandwidth_limit_s"] / base if base else None
     return {"params": n, "tensors": len(shapes), "device": device, "threads": torch.get_num_threads(),
-            "copy_bandwidth_GBps": bw / 1e9, "bandwidth_limit_s": limit,
-            "bandwidth_limit_vs_torch_fused": limit / base if base else None, "results": results}
+            "stream_bandwidth_GBps": bw / 1e9, "results": results}
 
 
 def format_table(report: dict) -> str:
     lines = [f"{report['params'] / 1e6:.2f}M parameters in {report['tensors']} tensors on "
-             f"{report['device']} ({report['threads']} threads); median of round-robin steps",
-             f"{'contender':<28}{'ns/param':>10}{'vs torch fused':>16}{'state B/param':>15}"]
+             f"{report['device']} ({report['threads']} threads); median of round-robin steps; "
+             f"streaming bandwidth {report['stream_bandwidth_GBps']:.1f} GB/s",
+             f"{'contender':<30}{'ns/param':>10}{'vs torch fused':>16}{'state B/param':>15}"
+             f"{'bandwidth limit':>17}"]
     for r in report["results"]:
         ratio = f"{r['vs_torch_fused']:.3f}x" if r["vs_torch_fused"] else "-"
-        lines.append(f"{r['name']:<28}{r['ns_per_param']:>10.3f}{ratio:>16}{r['state_bytes_per_param']:>15.2f}")
-    lines.append(f"{'bandwidth limit (AdamW fp32)':<28}{report['bandwidth_limit_s'] / report['params'] * 1e9:>10.3f}"
-                 f"{report['bandwidth_limit_vs_torch_fused']:>15.3f}x"
-                 f"   (copy bandwidth {report['copy_bandwidth_GBps']:.1f} GB/s)")
+        limit = f"{r['limit_vs_torch_fused']:.3f}x" if r["limit_vs_torch_fused"] else "-"
+        lines.append(f"{r['name']:<30}{r['ns_per_param']:>10.3f}{ratio:>16}{r['state_bytes_per_param']:>15.3f}"
+                     f"{limit:>17}")
+    lines.append("bandwidth limit: bytes a step must move / measured streaming bandwidth, vs torch fused")
     return "\n".join(lines)
 
 
@@ -142,6 +201,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds (default 15)")
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--fp32-only", action="store_true", help="skip the q8/q4 contenders")
+    parser.add_argument("--no-peers", action="store_true", help="skip bitsandbytes/torchao even if installed")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -150,8 +211,10 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         parser = argparse.ArgumentParser(prog="optimkit speed", description=__doc__.split("\n\n")[0])
         add_arguments(parser)
         args = parser.parse_args(argv)
+    contenders = default_contenders(args.device, precisions=not args.fp32_only, peers=not args.no_peers)
     report = run(target_params=args.params * 1e6, rounds=args.rounds, steps_per_round=args.steps_per_round,
-                 device=args.device, progress=None if args.json else lambda s: print(s, file=sys.stderr))
+                 device=args.device, contenders=contenders,
+                 progress=None if args.json else lambda s: print(s, file=sys.stderr))
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 
