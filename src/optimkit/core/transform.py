@@ -31,7 +31,11 @@ class Context:
             arithmetic.
         static: structural settings (bools, strings, ints; for float
             hyperparameters, whether they are non-zero). Branch on these.
-        step: the step number being taken (1 for the first step), as a Python int.
+        extra: values one transform leaves for a later one in the same step
+            (e.g. AdamP's per-tensor weight-decay factor).
+
+    The step number is not here on purpose: a Python int would be baked into a
+    compiled kernel. Step-dependent values come from ``Transform.scalars``.
     """
 
     params: TensorList
@@ -39,7 +43,6 @@ class Context:
     state: dict[str, TensorList]
     hp: dict[str, Any]
     static: dict[str, Any]
-    step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
