@@ -210,11 +210,16 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.prepare_step()
         work = [self._collect(group) for group in self.param_groups]  # validates before any change
         for group, (params, grads) in zip(self.param_groups, work):
             if params:
                 self._step_group(group, params, grads)
         return loss
+
+    def prepare_step(self) -> None:
+        """Called once per step, after the closure and before any group is updated
+        (e.g. for a norm over all gradients of all groups). Default: nothing."""
 
     def _collect(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []

@@ -16,6 +16,7 @@ Step counters and other 0-d scalars stay in memory.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import shutil
@@ -115,7 +116,7 @@ def _touch(tensors: list[Tensor]) -> None:
         flat[:: 4096].sum()  # one read per page brings the file's pages in
 
 
-_worker: "concurrent.futures.ThreadPoolExecutor | None" = None
+_worker: concurrent.futures.ThreadPoolExecutor | None = None
 _worker_lock = threading.Lock()
 
 
@@ -125,8 +126,6 @@ def _executor():
     global _worker
     with _worker_lock:
         if _worker is None:
-            import concurrent.futures
-
             old = threading.stack_size(1 << 20)
             try:
                 _worker = concurrent.futures.ThreadPoolExecutor(max_workers=1,

@@ -117,13 +117,8 @@ class Adan(Optimizer):
         self._clip = ClipByGlobalNorm()
         return [self._clip, ScaleByAdan()]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step; ``closure`` re-evaluates and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def prepare_step(self) -> None:
+        """The clipping norm is taken over the gradients of all groups, before any group steps."""
         self._clip.norm = None
         if any(group["max_grad_norm"] > 0 for group in self.param_groups):
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -133,8 +128,6 @@ class Adan(Optimizer):
                 device = grads[0].device
                 squares = torch.stack([g.float().pow(2).sum().to(device) for g in grads])
                 self._clip.norm = squares.sum().sqrt()
-        super().step()
-        return loss
 
     def apply(self, u, ctx: Context) -> None:
         """``theta <- (theta - lr u) / (1 + lr wd)``, or decoupled decay first with ``no_prox``."""

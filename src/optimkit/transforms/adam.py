@@ -7,6 +7,16 @@ from ..core.tensorlist import Ratio, dense
 from ..core.transform import Context, Transform
 
 
+def update_moments(g, ctx: Context):
+    """Adam's moments in place: ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``
+    (states ``exp_avg``/``exp_avg_sq``, betas from ``hp["betas"]``); returns (m, v)."""
+    b1, b2 = ctx.hp["betas"][:2]
+    m, v = ctx.state["exp_avg"], ctx.state["exp_avg_sq"]
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, 1 - b2)
+    return m, v
+
+
 class ScaleByAdam(Transform):
     """``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2`` (AMSGrad: running max of v);
     update ``(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)``.
@@ -27,12 +37,8 @@ class ScaleByAdam(Transform):
         return {"bc1": 1 - b1 ** step, "bc2_sqrt": math.sqrt(1 - b2 ** step)}
 
     def __call__(self, u, ctx: Context):
-        g = dense(u)
         hp = ctx.hp
-        b1, b2 = hp["betas"][:2]
-        m, v = ctx.state["exp_avg"], ctx.state["exp_avg_sq"]
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, 1 - b2)
+        m, v = update_moments(dense(u), ctx)
         if ctx.static.get("amsgrad"):
             vmax = ctx.state["max_exp_avg_sq"]
             vmax.maximum_(v)

@@ -5,6 +5,7 @@ import math
 
 from ..core.tensorlist import Ratio, dense
 from ..core.transform import Context, Transform
+from .adam import update_moments
 
 
 class ScaleByGrams(Transform):
@@ -30,9 +31,6 @@ class ScaleByGrams(Transform):
     def __call__(self, u, ctx: Context):
         g = dense(u)
         hp = ctx.hp
-        b1, b2 = hp["betas"][:2]
-        m, v = ctx.state["exp_avg"], ctx.state["exp_avg_sq"]
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, 1 - b2)
+        m, v = update_moments(g, ctx)
         num = g.sign().mul_(m.abs())
         return Ratio(num, v.sqrt().add_(hp["eps"]), hp["grams_scale"])

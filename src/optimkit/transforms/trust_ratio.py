@@ -11,6 +11,7 @@ import torch
 
 from ..core.tensorlist import Ratio, TensorList, dense
 from ..core.transform import Context, Transform
+from .adam import update_moments
 
 
 def _ratio_or_one(num, den, ok):
@@ -33,10 +34,7 @@ class ScaleByLambMoments(Transform):
     def __call__(self, u, ctx: Context):
         g = dense(u)
         hp = ctx.hp
-        b1, b2 = hp["betas"][:2]
-        m, v = ctx.state["exp_avg"], ctx.state["exp_avg_sq"]
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, 1 - b2)
+        m, v = update_moments(g, ctx)
         return Ratio(m, v.sqrt().add_(hp["eps"]))
 
 
