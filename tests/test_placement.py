@@ -42,7 +42,8 @@ def test_disk_and_cpu_placement_match_device_bit_exactly(tmp_path, name, precisi
             assert torch.equal(p, q)
     disk_bytes = results[2][1]
     assert sum(disk_bytes.values()) == sum(ref_bytes.values())
-    assert disk_bytes["cpu"] == 4 * len(shapes)  # only the step counters stay in memory
+    assert set(disk_bytes) <= {"disk"}  # every state tensor is on disk
+    assert bool(disk_bytes) == bool(sum(ref_bytes.values()))
 
 
 def test_disk_placement_requires_a_writable_state_dir(tmp_path):

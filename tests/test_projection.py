@@ -398,7 +398,7 @@ def test_galore_state_is_the_formula(shape):
     # two moments of the subspace shape plus the projector
     expected = 2 * m * r + r * n if m >= n else 2 * r * n + m * r
     assert _state_numel(opt, p) == expected
-    assert ok.state_bytes(opt) == 4 * expected + 4  # fp32, plus the step counter
+    assert ok.state_bytes(opt) == 4 * expected  # fp32 tensors (the step counter is a Python int)
 
 
 def test_apollo_state_bytes():
@@ -450,7 +450,7 @@ def test_every_rule_trains_with_every_projection(proj, rule):
     losses = train(model, loss_fn, opt, 40)
     assert losses[-1] < 0.95 * losses[0], f"{proj} + {rule}: {losses[0]:.4f} -> {losses[-1]:.4f}"
     w = model[0].weight
-    assert opt.state[w]["step"].item() == 40
+    assert int(opt.state[w]["step"]) == 40
     assert any(k.startswith("proj:") for k in opt.state[w])
 
 
@@ -497,7 +497,10 @@ def test_resume_across_a_refresh_is_bit_exact(proj, rule):
         sa, sc = opt_a.state[p], opt_c.state[q]
         assert sa.keys() == sc.keys()
         for key in sa:
-            assert sa[key].dtype == sc[key].dtype and torch.equal(sa[key], sc[key]), key
+            if isinstance(sa[key], torch.Tensor):
+                assert sa[key].dtype == sc[key].dtype and torch.equal(sa[key], sc[key]), key
+            else:
+                assert sa[key] == sc[key], key
 
 
 @pytest.mark.parametrize("proj", list(PROJECTIONS))

@@ -238,7 +238,7 @@ class Optimizer(torch.optim.Optimizer):
     def _state_for(self, p: Tensor, view: Tensor, group: dict) -> dict:
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = 0  # a Python int: no per-parameter tensor op on every step
             override = self._precision_overrides.get(id(p))
             proj = group.get("projection")
             like = view
@@ -247,7 +247,7 @@ class Optimizer(torch.optim.Optimizer):
                 like = view.new_zeros(proj.subspace_shape(view))
             for t in self._transforms:
                 for key, value in getattr(t, "scalar_state", {}).items():
-                    state[key] = torch.tensor(float(value), dtype=torch.float32)
+                    state[key] = float(value)
                 for key, value in t.init(like, group).items():
                     prec = layout.choose(group["state_precision"], key, value.numel(),
                                          group["min_quant_size"], override)
@@ -265,7 +265,7 @@ class Optimizer(torch.optim.Optimizer):
         # Bucket by step count (params that missed steps keep their own count) and dtype.
         buckets: dict[tuple, list[int]] = {}
         for i, (s, v) in enumerate(zip(states, views)):
-            buckets.setdefault((int(s["step"].item()), v.dtype), []).append(i)
+            buckets.setdefault((int(s["step"]), v.dtype), []).append(i)
         streamed = group["state_placement"] == "disk" and not self.group_coupled
         for (count, _), idx in buckets.items():
             if streamed:  # one parameter at a time, paging in the next one's state meanwhile
@@ -290,7 +290,7 @@ class Optimizer(torch.optim.Optimizer):
     def _run_bucket(self, group, step, params, grads, states) -> None:
         s0 = states[0]
         sstate_keys = [k for t in self._transforms for k in getattr(t, "scalar_state", {})]
-        sstate = {k: s0[k].item() for k in sstate_keys}
+        sstate = {k: float(s0[k]) for k in sstate_keys}
         hp: dict[str, Any] = {k: v for k, v in group.items() if k != "params"}
         for t in self._transforms:
             hp.update(t.scalars(group, step, sstate))
@@ -303,9 +303,9 @@ class Optimizer(torch.optim.Optimizer):
             self._run_chain(group, step, params, grads, states, hp, sstate_keys)
         # write back step count and scalar state
         for s in all_states:
-            s["step"].fill_(step)
+            s["step"] = step
             for k in sstate_keys:
-                s[k].fill_(sstate[k])
+                s[k] = sstate[k]
 
     def _run_chain(self, group, step, params, grads, states, hp, sstate_keys) -> None:
         s0 = states[0]

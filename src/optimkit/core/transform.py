@@ -50,7 +50,8 @@ class Transform:
     """Base class of update-rule building blocks.
 
     Class attributes:
-        scalar_state: {name: initial value} of per-step scalars kept in the state.
+        scalar_state: {name: initial value} of per-step scalars kept in the state
+            (as Python floats, like the step count).
         nonnegative: names of state tensors that are never negative (second
             moments); low-bit precisions store them with an unsigned map.
     """
