@@ -166,14 +166,18 @@ static inline void encode_block(const float *restrict x, float scale, uint8_t *r
     }
 }
 
-void adamw_q8_step(float *p, const float *g, uint8_t *mc, float *mabs, uint8_t *vc, float *vabs,
-                   int64_t n, float decay, float one_minus_b1, float b1, int low_weight, float b2,
+/* One call for a list of tensors: one parallel region over all their blocks
+ * (not one per tensor), each block finding its tensor by a binary search
+ * over the block offsets. */
+void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs, float **mabss,
+                   uint8_t **vcs, float **vabss, const int64_t *ns, const int64_t *block_offsets,
+                   float decay, float one_minus_b1, float b1, int low_weight, float b2,
                    float one_minus_b2, float bc2_sqrt, float eps, float step_value,
                    const float *smap, const float *umap,
                    const int32_t *slut, const float *smid, const int32_t *ulut, const float *umid,
                    float tiny) {
     hyper h = {decay, one_minus_b1, b1, b2, one_minus_b2, bc2_sqrt, eps, step_value, tiny};
-    int64_t nblocks = (n + BLOCK - 1) / BLOCK;
+    int64_t nblocks = block_offsets[ntensors];
 #pragma omp parallel
     {
 #ifdef HAVE_AVX512
@@ -184,7 +188,17 @@ void adamw_q8_step(float *p, const float *g, uint8_t *mc, float *mabs, uint8_t *
     load_table(umt, umid);
 #endif
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < nblocks; ++b) {
+    for (int64_t gb = 0; gb < nblocks; ++gb) {
+        int64_t lo = 0, hi = ntensors - 1;       /* last t with block_offsets[t] <= gb */
+        while (lo < hi) {
+            int64_t mid = (lo + hi + 1) / 2;
+            if (block_offsets[mid] <= gb) lo = mid; else hi = mid - 1;
+        }
+        int64_t t = lo, b = gb - block_offsets[t], n = ns[t];
+        float *p = ps[t];
+        const float *g = gs[t];
+        uint8_t *mc = mcs[t], *vc = vcs[t];
+        float *mabs = mabss[t], *vabs = vabss[t];
         float mb[BLOCK] __attribute__((aligned(64)));
         float vb[BLOCK] __attribute__((aligned(64)));
         int64_t start = b * BLOCK;

@@ -70,7 +70,7 @@ def _compile() -> ctypes.CDLL | None:
             f = lib.adamw_q8_step
             f.restype = None
             P, I64, F, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-            f.argtypes = [P, P, P, P, P, P, I64, F, F, F, I, F, F, F, F, F, P, P, P, P, P, P, F]
+            f.argtypes = [I64, P, P, P, P, P, P, P, P, F, F, F, I, F, F, F, F, F, P, P, P, P, P, P, F]
             _lib = lib
         except (OSError, subprocess.SubprocessError) as e:  # no compiler or no OpenMP: reference path
             warnings.warn(f"optimkit: q8 CPU fast path unavailable ({e}); using the tensor-op path")
@@ -135,18 +135,37 @@ def available() -> bool:
     return _compile() is not None
 
 
-def step(p: Tensor, g: Tensor, m: dict, v: dict, *, lr: float, beta1: float, beta2: float, eps: float,
-         weight_decay: float, bc1: float, bc2_sqrt: float) -> None:
-    """One fused AdamW step on a CPU float32 tensor with q8 moments (storage dicts)."""
+def step(params: list[Tensor], grads: list[Tensor], ms: list[dict], vs: list[dict], *, lr: float, beta1: float,
+         beta2: float, eps: float, weight_decay: float, bc1: float, bc2_sqrt: float) -> None:
+    """One fused AdamW step on CPU float32 tensors with q8 moments (storage dicts), all in one call."""
     global _TINY
     if _TINY is None:
         from ..state import codecs
 
         _TINY = float(getattr(codecs, "_TINY", torch.finfo(torch.float32).tiny))
     (smap, smid, slut), (umap, umid, ulut) = _tables()
+    k = len(params)
+    ptrs = (ctypes.c_void_p * (6 * k))()
+    sizes = (ctypes.c_int64 * k)()
+    offsets = (ctypes.c_int64 * (k + 1))()
+    total = 0
+    for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
+        ptrs[i] = p.data_ptr()
+        ptrs[k + i] = g.data_ptr()
+        ptrs[2 * k + i] = m["codes"].data_ptr()
+        ptrs[3 * k + i] = m["absmax"].data_ptr()
+        ptrs[4 * k + i] = v["codes"].data_ptr()
+        ptrs[5 * k + i] = v["absmax"].data_ptr()
+        n = p.numel()
+        sizes[i] = n
+        offsets[i] = total
+        total += -(-n // 256)
+    offsets[k] = total
+    base = ctypes.addressof(ptrs)
+    word = ctypes.sizeof(ctypes.c_void_p)
     w = 1 - beta1
-    _lib.adamw_q8_step(p.data_ptr(), g.data_ptr(), m["codes"].data_ptr(), m["absmax"].data_ptr(),
-                       v["codes"].data_ptr(), v["absmax"].data_ptr(), p.numel(),
+    _lib.adamw_q8_step(k, base, base + k * word, base + 2 * k * word, base + 3 * k * word, base + 4 * k * word,
+                       base + 5 * k * word, sizes, offsets,
                        1 - lr * weight_decay, w, beta1, int(w < 0.5), beta2, 1 - beta2, bc2_sqrt, eps,
                        -lr * (1 / bc1), smap.data_ptr(), umap.data_ptr(), slut.data_ptr(), smid.data_ptr(),
                        ulut.data_ptr(), umid.data_ptr(), _TINY)

@@ -40,21 +40,20 @@ class Adam(Optimizer):
             return []
         from ..kernels import q8_adamw
 
-        done = []
-        for i, (p, g, st) in enumerate(zip(params, grads, states)):
-            lay = st.get("_layout", {})
-            if (p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32
-                    and p.is_contiguous() and g.is_contiguous()
-                    and lay.get("exp_avg", ("",))[:2] == ("q8", True)
-                    and lay.get("exp_avg_sq", ("",))[:2] == ("q8", False)
-                    and st["exp_avg:codes"].device.type == "cpu"):
-                if not done and not q8_adamw.available():
-                    return []
-                q8_adamw.step(p, g, {"codes": st["exp_avg:codes"], "absmax": st["exp_avg:absmax"]},
-                              {"codes": st["exp_avg_sq:codes"], "absmax": st["exp_avg_sq:absmax"]},
-                              lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                              weight_decay=group["weight_decay"], bc1=hp["bc1"], bc2_sqrt=hp["bc2_sqrt"])
-                done.append(i)
+        done = [i for i, (p, g, st) in enumerate(zip(params, grads, states))
+                if p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32
+                and p.is_contiguous() and g.is_contiguous()
+                and st.get("_layout", {}).get("exp_avg", ("",))[:2] == ("q8", True)
+                and st.get("_layout", {}).get("exp_avg_sq", ("",))[:2] == ("q8", False)
+                and st["exp_avg:codes"].device.type == "cpu"]
+        if not done or not q8_adamw.available():
+            return []
+        sts = [states[i] for i in done]
+        q8_adamw.step([params[i] for i in done], [grads[i] for i in done],
+                      [{"codes": st["exp_avg:codes"], "absmax": st["exp_avg:absmax"]} for st in sts],
+                      [{"codes": st["exp_avg_sq:codes"], "absmax": st["exp_avg_sq:absmax"]} for st in sts],
+                      lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                      weight_decay=group["weight_decay"], bc1=hp["bc1"], bc2_sqrt=hp["bc2_sqrt"])
         return done
 
 
