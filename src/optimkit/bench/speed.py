@@ -63,6 +63,8 @@ def default_contenders(device: str = "cpu", precisions: bool = True, peers: bool
         Contender("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), 28),
         Contender("optimkit AdamW eager", lambda ps: ok.AdamW(ps, lr=1e-3), 28),
         Contender("optimkit AdamW compiled", lambda ps: ok.AdamW(ps, lr=1e-3, compile=True), 28),
+        Contender("optimkit AdamW compiled/Inductor", lambda ps: ok.AdamW(ps, lr=1e-3, compile=True), 28,
+                  _reference_path),
     ]
     if precisions:
         out += [

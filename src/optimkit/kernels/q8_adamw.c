@@ -230,3 +230,48 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
     }
     }
 }
+
+/* The same AdamW step with float32 moments: one parallel region over all
+ * tensors' blocks, one vectorized pass per block (torch's fused AdamW takes one
+ * parallel loop per tensor). */
+void adamw_f32_step(int64_t ntensors, float **ps, const float **gs, float **ms, float **vs,
+                    const int64_t *ns, const int64_t *block_offsets,
+                    float decay, float one_minus_b1, float b1, int low_weight, float b2,
+                    float one_minus_b2, float bc2_sqrt, float eps, float step_value) {
+    int64_t nblocks = block_offsets[ntensors];
+#pragma omp parallel for schedule(static)
+    for (int64_t gb = 0; gb < nblocks; ++gb) {
+        int64_t lo = 0, hi = ntensors - 1;
+        while (lo < hi) {
+            int64_t mid = (lo + hi + 1) / 2;
+            if (block_offsets[mid] <= gb) lo = mid; else hi = mid - 1;
+        }
+        int64_t t = lo, start = (gb - block_offsets[t]) * BLOCK, n = ns[t];
+        int64_t len = n - start < BLOCK ? n - start : BLOCK;
+        float *restrict p = ps[t] + start, *restrict m = ms[t] + start, *restrict v = vs[t] + start;
+        const float *restrict g = gs[t] + start;
+        if (low_weight) {
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) {
+                float gi = g[i];
+                float mm = fmaf(one_minus_b1, gi - m[i], m[i]);
+                float vv = fmaf(one_minus_b2 * gi, gi, v[i] * b2);
+                float den = sqrtf(vv) / bc2_sqrt + eps;
+                p[i] = p[i] * decay + step_value * mm / den;
+                m[i] = mm;
+                v[i] = vv;
+            }
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) {
+                float gi = g[i];
+                float mm = fmaf(-b1, gi - m[i], gi);
+                float vv = fmaf(one_minus_b2 * gi, gi, v[i] * b2);
+                float den = sqrtf(vv) / bc2_sqrt + eps;
+                p[i] = p[i] * decay + step_value * mm / den;
+                m[i] = mm;
+                v[i] = vv;
+            }
+        }
+    }
+}

@@ -1,4 +1,5 @@
-"""CPU fast path: AdamW with q8 (block-wise dynamic 8-bit) moments in one pass.
+"""CPU fast paths: AdamW with q8 (block-wise dynamic 8-bit) moments in one pass,
+and (for ``compile=True``) with float32 moments.
 
 The tensor-op path (decode -> AdamW transforms -> encode) needs several
 passes over memory and a binary search per element. This kernel, written in
@@ -71,6 +72,9 @@ def _compile() -> ctypes.CDLL | None:
             f.restype = None
             P, I64, F, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
             f.argtypes = [I64, P, P, P, P, P, P, P, P, F, F, F, I, F, F, F, F, F, P, P, P, P, P, P, F]
+            f32 = lib.adamw_f32_step
+            f32.restype = None
+            f32.argtypes = [I64, P, P, P, P, P, P, F, F, F, I, F, F, F, F, F]
             _lib = lib
         except (OSError, subprocess.SubprocessError) as e:  # no compiler or no OpenMP: reference path
             warnings.warn(f"optimkit: q8 CPU fast path unavailable ({e}); using the tensor-op path")
@@ -169,3 +173,26 @@ def step(params: list[Tensor], grads: list[Tensor], ms: list[dict], vs: list[dic
                        1 - lr * weight_decay, w, beta1, int(w < 0.5), beta2, 1 - beta2, bc2_sqrt, eps,
                        -lr * (1 / bc1), smap.data_ptr(), umap.data_ptr(), slut.data_ptr(), smid.data_ptr(),
                        ulut.data_ptr(), umid.data_ptr(), _TINY)
+
+
+def step_fp32(params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, lr: float,
+              beta1: float, beta2: float, eps: float, weight_decay: float, bc1: float, bc2_sqrt: float) -> None:
+    """The same fused AdamW step with float32 moments, all tensors in one call."""
+    k = len(params)
+    ptrs = (ctypes.c_void_p * (4 * k))()
+    sizes = (ctypes.c_int64 * k)()
+    offsets = (ctypes.c_int64 * (k + 1))()
+    total = 0
+    for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
+        ptrs[i], ptrs[k + i], ptrs[2 * k + i], ptrs[3 * k + i] = p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr()
+        n = p.numel()
+        sizes[i] = n
+        offsets[i] = total
+        total += -(-n // 256)
+    offsets[k] = total
+    base = ctypes.addressof(ptrs)
+    word = ctypes.sizeof(ctypes.c_void_p)
+    w = 1 - beta1
+    _lib.adamw_f32_step(k, base, base + k * word, base + 2 * k * word, base + 3 * k * word, sizes, offsets,
+                        1 - lr * weight_decay, w, beta1, int(w < 0.5), beta2, 1 - beta2, bc2_sqrt, eps,
+                        -lr * (1 / bc1))

@@ -33,28 +33,44 @@ class Adam(Optimizer):
         return [WeightDecay(decoupled="decoupled_weight_decay"), ScaleByAdam()]
 
     def fast_step(self, group, hp, params, grads, states):
-        """Fused CPU kernel for q8 moments (optimkit.kernels.q8_adamw), where it applies."""
+        """Fused CPU kernels (optimkit.kernels.q8_adamw) where they apply: q8 moments
+        always, float32 moments when ``compile=True`` (on CPU they beat Inductor's kernel)."""
         decoupled = type(self) is not Adam or group["decoupled_weight_decay"] or group["weight_decay"] == 0
-        if (group["state_precision"] == "fp32" or group["amsgrad"] or group["maximize"] or not decoupled
-                or group.get("cautious") or group["bf16_compensation"]):
+        if (group["amsgrad"] or group["maximize"] or not decoupled or group.get("cautious")
+                or group["bf16_compensation"]):
             return []
         from ..kernels import q8_adamw
 
-        done = [i for i, (p, g, st) in enumerate(zip(params, grads, states))
-                if p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32
-                and p.is_contiguous() and g.is_contiguous()
-                and st.get("_layout", {}).get("exp_avg", ("",))[:2] == ("q8", True)
-                and st.get("_layout", {}).get("exp_avg_sq", ("",))[:2] == ("q8", False)
-                and st["exp_avg:codes"].device.type == "cpu"]
-        if not done or not q8_adamw.available():
+        def eligible(p, g):
+            return (p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32
+                    and p.is_contiguous() and g.is_contiguous())
+
+        q8, f32 = [], []
+        for i, (p, g, st) in enumerate(zip(params, grads, states)):
+            if not eligible(p, g):
+                continue
+            lay = st.get("_layout", {})
+            if (lay.get("exp_avg", ("",))[:2] == ("q8", True) and lay.get("exp_avg_sq", ("",))[:2] == ("q8", False)
+                    and st["exp_avg:codes"].device.type == "cpu"):
+                q8.append(i)
+            elif (group["compile"] and "exp_avg" in st and "exp_avg_sq" in st
+                  and st["exp_avg"].device.type == "cpu" and st["exp_avg"].is_contiguous()
+                  and st["exp_avg_sq"].is_contiguous()):
+                f32.append(i)
+        if not (q8 or f32) or not q8_adamw.available():
             return []
-        sts = [states[i] for i in done]
-        q8_adamw.step([params[i] for i in done], [grads[i] for i in done],
-                      [{"codes": st["exp_avg:codes"], "absmax": st["exp_avg:absmax"]} for st in sts],
-                      [{"codes": st["exp_avg_sq:codes"], "absmax": st["exp_avg_sq:absmax"]} for st in sts],
-                      lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+        common = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                       weight_decay=group["weight_decay"], bc1=hp["bc1"], bc2_sqrt=hp["bc2_sqrt"])
-        return done
+        if q8:
+            sts = [states[i] for i in q8]
+            q8_adamw.step([params[i] for i in q8], [grads[i] for i in q8],
+                          [{"codes": st["exp_avg:codes"], "absmax": st["exp_avg:absmax"]} for st in sts],
+                          [{"codes": st["exp_avg_sq:codes"], "absmax": st["exp_avg_sq:absmax"]} for st in sts],
+                          **common)
+        if f32:
+            q8_adamw.step_fp32([params[i] for i in f32], [grads[i] for i in f32],
+                               [states[i]["exp_avg"] for i in f32], [states[i]["exp_avg_sq"] for i in f32], **common)
+        return q8 + f32
 
 
 class AdamW(Adam):
