@@ -30,5 +30,18 @@ class RMSprop(Optimizer):
     has_momentum = True
     defaults = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False)
 
+    def check(self, group):
+        if not group["centered"]:
+            return
+        spec = group["state_precision"]
+        for key in ("square_avg", "grad_avg"):
+            prec = spec.get(key, spec.get("default", "fp32")) if isinstance(spec, dict) else spec
+            if prec in ("q8", "q4", "fp8"):
+                raise ValueError(
+                    f"Invalid state_precision: centered RMSprop takes sqrt(square_avg - grad_avg^2), a small "
+                    f"difference of two states that {prec} rounding makes negative (NaN steps); keep "
+                    f"{key} in 'fp32' or 'bf16', e.g. state_precision={{'square_avg': 'bf16', "
+                    f"'grad_avg': 'bf16', 'default': '{prec}'}}")
+
     def build(self):
         return [WeightDecay(), ScaleByRMSprop()]

@@ -13,6 +13,8 @@ class ScaleByAdagrad(Transform):
     State: ``sum``, initialised to ``initial_accumulator_value`` (as ``torch.optim.Adagrad``).
     """
 
+    nonnegative = ("sum",)
+
     def init(self, p, group):
         return {"sum": torch.full_like(p, group["initial_accumulator_value"],
                                        memory_format=torch.preserve_format)}
@@ -36,6 +38,8 @@ class ScaleByRMSprop(Transform):
 
     State: ``square_avg`` (+ ``momentum_buffer`` if momentum > 0, + ``grad_avg`` if centered).
     """
+
+    nonnegative = ("square_avg",)
 
     def init(self, p, group):
         st = {"square_avg": p.new_zeros(p.shape)}
@@ -71,6 +75,8 @@ class ScaleByAdadelta(Transform):
     ``v <- rho v + (1-rho) g^2``; ``d = sqrt(u + eps) / sqrt(v + eps) * g``;
     ``u <- rho u + (1-rho) d^2``; the update is ``d``. State: ``square_avg``, ``acc_delta``.
     """
+
+    nonnegative = ("square_avg", "acc_delta")
 
     def init(self, p, group):
         return {"square_avg": p.new_zeros(p.shape), "acc_delta": p.new_zeros(p.shape)}

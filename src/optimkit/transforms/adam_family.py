@@ -42,6 +42,8 @@ class ScaleByNAdam(Transform):
     State: ``exp_avg``, ``exp_avg_sq``; scalar state ``mu_product``.
     """
 
+    nonnegative = ("exp_avg_sq",)
+
     scalar_state = {"mu_product": 1.0}
 
     def init(self, p, group):
@@ -81,6 +83,7 @@ class ScaleByRAdam(Transform):
     """
 
     threshold = 5.0
+    nonnegative = ("exp_avg_sq",)
 
     def init(self, p, group):
         return _moment_state(p)
@@ -115,6 +118,8 @@ class ScaleByAdamax(Transform):
     ``m <- b1 m + (1-b1) g``, ``u <- max(b2 u, |g| + eps)`` (eps inside the max);
     update ``(m / bc1) / u``. State: ``exp_avg``, ``exp_inf``.
     """
+
+    nonnegative = ("exp_inf",)
 
     def init(self, p, group):
         return {"exp_avg": p.new_zeros(p.shape), "exp_inf": p.new_zeros(p.shape)}

@@ -64,6 +64,7 @@ class ScaleByBlockwiseAdam(Transform):
             raise ValueError(f"Invalid reduce: {reduce!r} (expected 'mean' or 'sum')")
         self.blocks, self.reduce = blocks, reduce
         self.m_key, self.v_key = m_key, v_key
+        self.nonnegative = (v_key,)
         self.eps_after_correction = eps_after_correction
 
     def init(self, p, group):

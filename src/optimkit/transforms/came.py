@@ -41,6 +41,8 @@ class ScaleByFactoredSecondMoment(Transform):
     State: ``exp_avg_sq_row``, ``exp_avg_sq_col`` (matrices), ``exp_avg_sq`` (vectors).
     """
 
+    nonnegative = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+
     def init(self, p, group):
         return _factored_init(p, "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
 
@@ -76,6 +78,8 @@ class CameConfidence(Transform):
     State: ``exp_avg``, ``exp_avg_res_row``, ``exp_avg_res_col`` (the last two
     are placeholders for vectors).
     """
+
+    nonnegative = ("exp_avg_res_row", "exp_avg_res_col")
 
     def init(self, p, group):
         st = {"exp_avg": p.new_zeros(p.shape)}

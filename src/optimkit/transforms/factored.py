@@ -45,6 +45,8 @@ class ScaleByFactoredRMS(Transform):
     (vectors), named as in torch.
     """
 
+    nonnegative = ("row_var", "col_var", "variance")
+
     def init(self, p, group):
         if is_factored(p):
             return {"row_var": p.new_zeros(*p.shape[:-1], 1),

@@ -32,6 +32,8 @@ class ScaleBySM3(Transform):
     State: ``accumulator`` (flat, ``sum(shape)`` numbers).
     """
 
+    nonnegative = ("accumulator",)
+
     def init(self, p, group):
         return {"accumulator": p.new_zeros(max(sum(p.shape), 1) if p.dim() else 1)}
 
