@@ -48,7 +48,7 @@ def storage_of(state: dict, name: str) -> dict:
 def decoded(state: dict) -> dict[str, torch.Tensor]:
     """The fp32 value of every encoded state of one parameter."""
     return {name: get_codec(prec).decode(storage_of(state, name), shape, signed)
-            for name, (prec, signed, shape) in state.get("_layout", {}).items()}
+            for name, (prec, signed, shape, *_) in state.get("_layout", {}).items()}
 
 
 def plain_tensors(state: dict) -> dict[str, torch.Tensor]:
@@ -61,7 +61,7 @@ def assert_all_encoded(opt, prec: str) -> None:
     for p, st in opt.state.items():
         layout = st.get("_layout", {})
         assert layout, "no encoded state at all"
-        for name, (got, signed, shape) in layout.items():
+        for name, (got, signed, shape, *_) in layout.items():
             assert got == prec, f"state {name} stored as {got}, not {prec}"
             assert signed == (name not in opt._nonnegative), f"state {name}: signed={signed}"
         leftovers = [k for k, v in plain_tensors(st).items() if v.dim() > 0 and k != "step"]
@@ -192,7 +192,7 @@ def test_compiled_q8_step_agrees_with_eager(name):
         sa, sb = opt_a.state[p], opt_b.state[q]
         assert sa["_layout"] == sb["_layout"]
         da, db = decoded(sa), decoded(sb)
-        for key, (_, signed, _) in sa["_layout"].items():
+        for key, (_, signed, *_) in sa["_layout"].items():
             ca, cb = sa[key + ":codes"].int(), sb[key + ":codes"].int()
             ma, mb = sa[key + ":absmax"], sb[key + ":absmax"]
             torch.testing.assert_close(mb, ma, rtol=1e-3, atol=1e-12)
@@ -499,7 +499,8 @@ def test_precision_override_keeps_a_param_fp32():
     assert {k for k, v in plain_tensors(st).items() if v.dim() > 0} == {"exp_avg", "exp_avg_sq"}
     assert all(st[k].dtype == torch.float32 and st[k].shape == emb.shape for k in ("exp_avg", "exp_avg_sq"))
     other = opt.state[model[2].weight]
-    assert other["_layout"] == {"exp_avg": ("q8", True, (512, 512)), "exp_avg_sq": ("q8", False, (512, 512))}
+    assert other["_layout"] == {"exp_avg": ("q8", True, (512, 512), False),
+                                "exp_avg_sq": ("q8", False, (512, 512), False)}
     assert other["exp_avg:codes"].dtype == torch.uint8
     # an override also picks a lower precision; bf16 has no size threshold
     bias = model[0].bias
@@ -515,13 +516,14 @@ def test_per_state_precision_dict():
     one_step(model, opt)
     w, b = model[0].weight, model[0].bias
     st = opt.state[w]
-    assert st["_layout"] == {"exp_avg": ("q8", True, (512, 512)), "exp_avg_sq": ("bf16", False, (512, 512))}
+    assert st["_layout"] == {"exp_avg": ("q8", True, (512, 512), False),
+                             "exp_avg_sq": ("bf16", False, (512, 512), False)}
     assert st["exp_avg:codes"].dtype == torch.uint8 and st["exp_avg:codes"].shape == w.shape
     assert st["exp_avg:absmax"].dtype == torch.float32 and st["exp_avg:absmax"].numel() == 512 * 512 // 256
     assert st["exp_avg_sq:value"].dtype == torch.bfloat16 and st["exp_avg_sq:value"].shape == w.shape
     # the bias is below min_quant_size: q8 falls back to fp32, bf16 still applies
     sb = opt.state[b]
-    assert sb["exp_avg"].dtype == torch.float32 and sb["_layout"] == {"exp_avg_sq": ("bf16", False, (512,))}
+    assert sb["exp_avg"].dtype == torch.float32 and sb["_layout"] == {"exp_avg_sq": ("bf16", False, (512,), False)}
     n = sum(p.numel() for p in model.parameters())
     expected = 2 * ((1 + 4 / 256) * 512 * 512 + 2 * 512 * 512) + 2 * (4 * 512 + 2 * 512)
     steps = sum(tensor_bytes(st) - tensor_bytes(st, skip=("step",)) for st in opt.state.values())
@@ -687,3 +689,69 @@ def test_bf16_compensation_resumes_bit_exactly(name, comp):
     if comp == "stochastic_rounding":
         other, _ = resume(False)
         assert any(not torch.equal(a, b) for a, b in zip(straight, other))
+
+
+# --------------------------------------------------------------------------- stochastic rounding
+@pytest.mark.parametrize("prec", ["q8", "q4"])
+@pytest.mark.parametrize("signed,beta", [(False, 0.999), (True, 0.99)], ids=["v-0.999", "m-0.99"])
+def test_stochastic_rounding_ema_follows_a_steady_target(prec, signed, beta):
+    """The EMA that stalls with nearest rounding (above) moves with
+    state_rounding="stochastic": within 10% of the fp32 EMA's movement."""
+    codec = get_codec(prec, stochastic=True)
+    gen = torch.Generator().manual_seed(0)
+    s0 = torch.rand(4096, generator=gen) * 0.9 + 0.1
+    s0[::256] = 1.0
+    x = s0 * 0.5
+    x[::256] = 1.0
+    ref, storage = s0.clone(), codec.empty(s0.shape, signed=signed)
+    codec.encode_(s0, storage, signed)
+    for _ in range(500):
+        ref = beta * ref + (1 - beta) * x
+        codec.encode_(beta * codec.decode(storage, s0.shape, signed) + (1 - beta) * x, storage, signed)
+    moved = (codec.decode(storage, s0.shape, signed) - s0).abs().mean()
+    target = (ref - s0).abs().mean()
+    assert abs(moved - target) <= 0.1 * target, f"{prec} SR EMA moved {moved:.3g}, fp32 {target:.3g}"
+
+
+SR_SHORT = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "stochastic rounding removes most of the stall but not all of it here: lion q4 (mini-batch) "
+    "+7.1% (nearest: +88%), adamw q4 full batch +2.7% (nearest: +27%), against the 2% bar"))
+
+
+@pytest.mark.parametrize("name,prec,kw", [
+    pytest.param("lion", "q4", {}, marks=SR_SHORT),                           # mini-batch, the q4 Lion stall
+    pytest.param("adamw", "q4", dict(steps=300, batch=0, hidden=128, schedule=False), marks=SR_SHORT),
+    ("lion", "q8", dict(steps=300, batch=0, hidden=128, schedule=False)),    # full batch: +23% -> within 2%
+], ids=["lion-q4", "adamw-q4-full-batch", "lion-q8-full-batch"])
+def test_stochastic_rounding_closes_the_stalled_cases(name, prec, kw):
+    """The cases that miss the 2% bar with nearest rounding (xfails above), with
+    state_rounding="stochastic"."""
+    hp = DIGITS_HP[name] if not kw else (dict(lr=3e-3) if name == "adamw" else dict(lr=1e-3, weight_decay=0.1))
+    base = train_digits(name, "fp32", **kw, **hp)[0]
+    loss, _, opt = train_digits(name, prec, state_rounding="stochastic", **kw, **hp)
+    assert all(meta[3] for st in opt.state.values() for meta in st["_layout"].values())
+    assert loss <= 1.02 * base, f"{name}/{prec} stochastic: held-out loss {loss:.4f} vs fp32 {base:.4f}"
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "sgd"])
+@pytest.mark.parametrize("prec", ["q8", "q4"])
+def test_stochastic_rounding_resumes_bit_exactly(name, prec):
+    """The rounding noise is a hash of the element index and a counter kept in
+    the state, so a resumed run equals an uninterrupted one without touching
+    torch's global RNG."""
+    model, loss_fn = mlp_problem()
+    start = copy.deepcopy(model)
+    hp = dict(contract_hp(name), state_precision=prec, min_quant_size=0, state_rounding="stochastic")
+    straight = copy.deepcopy(start)
+    train(straight, loss_fn, ok.create(name, straight.parameters(), **hp), 12)
+    first = copy.deepcopy(start)
+    opt1 = ok.create(name, first.parameters(), **hp)
+    train(first, loss_fn, opt1, 6)
+    saved = copy.deepcopy(opt1.state_dict())
+    torch.manual_seed(1234)  # the global RNG plays no part
+    resumed = copy.deepcopy(first)
+    opt2 = ok.create(name, resumed.parameters(), **hp)
+    opt2.load_state_dict(saved)
+    train(resumed, loss_fn, opt2, 6)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -7,8 +7,9 @@ converts between storage and working tensors around the rule:
 
 * a plain state is stored under its name, as created by the transform;
 * an encoded state ``name`` is stored as the codec's storage tensors under
-  ``"name:part"`` keys, and ``state["_layout"][name] = (precision, signed, shape)``
-  records how to decode it (so checkpoints are self-describing).
+  ``"name:part"`` keys, and ``state["_layout"][name] = (precision, signed,
+  shape, stochastic)`` records how to decode and re-encode it (so checkpoints
+  are self-describing).
 
 The kernel receives, for every state name, one entry per parameter (a tensor
 or a storage dict) plus a static layout signature, decodes before the rule and
@@ -24,13 +25,27 @@ from .tensorlist import TensorList
 
 PRECISIONS = ("fp32", "bf16", "q8", "q4", "fp8")
 QUANTIZED = ("q8", "q4", "fp8")
+#: precisions whose codes can be rounded stochastically (``state_rounding``)
+STOCHASTIC = ("q8", "q4")
 LAYOUT_KEY = "_layout"
 
 
-def codec(name: str):
-    from ..state import get_codec
+_CODECS: dict = {}
 
-    return get_codec(name)
+
+def codec(name: str, stochastic: bool = False):
+    key = (name, stochastic)
+    c = _CODECS.get(key)
+    if c is None:
+        from ..state import get_codec
+
+        c = _CODECS[key] = get_codec(name, stochastic=True) if stochastic else get_codec(name)
+    return c
+
+
+def _codec_of(meta: tuple):
+    """The codec a layout entry was stored with ((precision, signed, shape[, stochastic]))."""
+    return codec(meta[0], len(meta) > 3 and meta[3])
 
 
 def validate_precision(name: str, value: Any):
@@ -60,17 +75,19 @@ def choose(spec, state_name: str, numel: int, min_quant_size: int, override: str
     return prec
 
 
-def store(state: dict, name: str, value: Tensor, prec: str, signed: bool) -> None:
-    """Put a freshly created state tensor into ``state`` with precision ``prec``."""
+def store(state: dict, name: str, value: Tensor, prec: str, signed: bool, rounding: str = "nearest") -> None:
+    """Put a freshly created state tensor into ``state`` with precision ``prec``
+    (``rounding="stochastic"`` applies to the map-based q8/q4 codes)."""
     if prec == "fp32" or not value.is_floating_point():
         state[name] = value
         return
-    c = codec(prec)
+    stochastic = rounding == "stochastic" and prec in STOCHASTIC
+    c = codec(prec, stochastic)
     storage = c.empty(tuple(value.shape), value.device, signed)
     c.encode_(value.float(), storage, signed)
     for part, t in storage.items():
         state[f"{name}:{part}"] = t
-    state.setdefault(LAYOUT_KEY, {})[name] = (prec, signed, tuple(value.shape))
+    state.setdefault(LAYOUT_KEY, {})[name] = (prec, signed, tuple(value.shape), stochastic)
 
 
 def state_names(state: dict, exclude) -> list[str]:
@@ -105,7 +122,7 @@ def decode(entries: dict, signature: tuple) -> dict[str, TensorList]:
     out = {}
     for name, lay in signature:
         row = entries[name]
-        out[name] = TensorList([e if meta is None else codec(meta[0]).decode(e, meta[2], meta[1])
+        out[name] = TensorList([e if meta is None else _codec_of(meta).decode(e, meta[2], meta[1])
                                 for e, meta in zip(row, lay)])
     return out
 
@@ -114,7 +131,7 @@ def encode(state: dict[str, TensorList], entries: dict, signature: tuple) -> Non
     for name, lay in signature:
         for x, e, meta in zip(state[name], entries[name], lay):
             if meta is not None:
-                codec(meta[0]).encode_(x, e, meta[1])
+                _codec_of(meta).encode_(x, e, meta[1])
 
 
 def is_encoded(signature: tuple) -> bool:

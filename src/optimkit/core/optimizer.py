@@ -34,12 +34,14 @@ from .validation import RULES, choice, nonneg_int, optional, validate_group
 #: Options every optimizer accepts, besides its own hyperparameters.
 COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "compile": False,
                                    "state_precision": "fp32", "min_quant_size": 4096, "projection": None,
-                                   "bf16_compensation": None, "state_placement": "device"}
+                                   "bf16_compensation": None, "state_placement": "device",
+                                   "state_rounding": "nearest"}
 RULES.setdefault("projection", validate_projection)
 RULES.setdefault("state_precision", layout.validate_precision)
 RULES.setdefault("min_quant_size", nonneg_int)
 RULES.setdefault("bf16_compensation", optional(choice("kahan", "stochastic_rounding")))
 RULES.setdefault("state_placement", choice("device", "cpu", "disk"))
+RULES.setdefault("state_rounding", choice("nearest", "stochastic"))
 KAHAN_KEY = "kahan_comp"
 
 
@@ -59,6 +61,9 @@ class Optimizer(torch.optim.Optimizer):
       to state tensors of at least ``min_quant_size`` elements (default 4096);
       smaller ones stay fp32. ``state_precision_overrides={param: "fp32"}``
       (constructor only) pins chosen parameters, e.g. embeddings.
+      ``state_rounding="stochastic"`` rounds q8/q4 codes stochastically
+      (unbiased, deterministic noise): slow moving averages no longer stall
+      when their increments are below half a code step.
     * ``projection``: ``None`` (full space) or a projection such as
       ``optimkit.GaLore(rank=128)``: the rule runs on projected gradients of
       matrix parameters, with state of the projected shape (see
@@ -251,7 +256,8 @@ class Optimizer(torch.optim.Optimizer):
                 for key, value in t.init(like, group).items():
                     prec = layout.choose(group["state_precision"], key, value.numel(),
                                          group["min_quant_size"], override)
-                    layout.store(state, key, value, prec, signed=key not in self._nonnegative)
+                    layout.store(state, key, value, prec, signed=key not in self._nonnegative,
+                                 rounding=group["state_rounding"])
             if group["bf16_compensation"] == "kahan" and view.dtype == torch.bfloat16:
                 state[KAHAN_KEY] = torch.zeros_like(view)
             self._placement.place(state, group["state_placement"])

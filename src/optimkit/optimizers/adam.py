@@ -51,6 +51,7 @@ class Adam(Optimizer):
                 continue
             lay = st.get("_layout", {})
             if (lay.get("exp_avg", ("",))[:2] == ("q8", True) and lay.get("exp_avg_sq", ("",))[:2] == ("q8", False)
+                    and not any(lay[k][3:4] == (True,) for k in ("exp_avg", "exp_avg_sq"))  # nearest only
                     and st["exp_avg:codes"].device.type == "cpu"):
                 q8.append(i)
             elif (group["compile"] and "exp_avg" in st and "exp_avg_sq" in st

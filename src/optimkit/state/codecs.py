@@ -236,11 +236,34 @@ def _absmax_scaled(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     return y, absmax
 
 
+def _hash_uniform(n: int, seed: Tensor, device) -> Tensor:
+    """``n`` deterministic uniforms in [0, 1) from element indices and ``seed``
+    (an int64 0-d tensor): an integer hash in int64 arithmetic that never
+    overflows, so it is the same on every device and under torch.compile."""
+    mask = 0xFFFFFFFF
+    x = (torch.arange(n, dtype=torch.int64, device=device) * 1103515245 + seed * 12345 + 0x5BD1E995) & mask
+    for _ in range(2):
+        x = x ^ (x >> 16)
+        x = (x * 0x45D9F3B) & mask
+    x = x ^ (x >> 16)
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
 @dataclass(frozen=True)
 class _Blockwise(Codec):
-    """Shared machinery of the map-based block-wise formats (q8, q4)."""
+    """Shared machinery of the map-based block-wise formats (q8, q4).
+
+    ``stochastic=True`` rounds each value to one of its two neighbouring map
+    entries with probabilities that make the decoded value unbiased, instead of
+    to the nearest: an exponential moving average whose per-step increment is
+    below half a code step then still moves in expectation (nearest rounding
+    loses such increments every step). The noise is a hash of the element
+    index and a counter kept in the storage (``seed``), so runs are
+    deterministic and resume bit-exactly.
+    """
 
     bits: ClassVar[int] = 8
+    stochastic: bool = False
 
     def _kind(self, signed: bool) -> str:
         return "dynamic"
@@ -256,12 +279,25 @@ class _Blockwise(Codec):
     def empty(self, shape, device=None, signed=True):
         self._warm(device, signed)
         nb = -(-_numel(shape) // self.block)
-        return {"codes": torch.zeros(shape, dtype=torch.uint8, device=device),
-                "absmax": torch.zeros(nb, dtype=torch.float32, device=device)}
+        out = {"codes": torch.zeros(shape, dtype=torch.uint8, device=device),
+               "absmax": torch.zeros(nb, dtype=torch.float32, device=device)}
+        if self.stochastic:
+            out["seed"] = torch.zeros((), dtype=torch.int64, device=device)
+        return out
 
-    def _codes(self, x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    def _codes(self, x: Tensor, signed: bool, storage: dict | None = None) -> tuple[Tensor, Tensor]:
         y, absmax = _absmax_scaled(x, self.block)
-        return _nearest_codes(y, self._kind(signed), signed, self.bits), absmax
+        if not self.stochastic:
+            return _nearest_codes(y, self._kind(signed), signed, self.bits), absmax
+        values = device_table(self._kind(signed), signed, self.bits, y.device)
+        top = values.numel() - 1
+        lower = (torch.bucketize(y, values, right=True) - 1).clamp(0, top - 1)
+        lo, hi = values[lower], values[lower + 1]
+        p_up = ((y - lo) / (hi - lo)).clamp(0.0, 1.0)
+        seed = storage["seed"]
+        u = _hash_uniform(y.numel(), seed, y.device).view_as(y)
+        seed.add_(1)
+        return lower + (u < p_up).long(), absmax
 
     def _values(self, codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
         """Blocks of decoded values from unpacked int codes ``(nb * block,)``."""
@@ -269,7 +305,7 @@ class _Blockwise(Codec):
         return qmap[codes].view(-1, self.block) * absmax.unsqueeze(1)
 
     def encode_(self, x, storage, signed=True):
-        codes, absmax = self._codes(x, signed)
+        codes, absmax = self._codes(x, signed, storage)
         n = x.numel()
         storage["codes"].view(-1).copy_(codes.view(-1)[:n])
         storage["absmax"].copy_(absmax)
@@ -327,11 +363,14 @@ class Q4(_Blockwise):
         self._warm(device, signed)
         n = _numel(shape)
         nb = -(-n // self.block)
-        return {"codes": torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device),
-                "absmax": torch.zeros(nb, dtype=torch.float32, device=device)}
+        out = {"codes": torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device),
+               "absmax": torch.zeros(nb, dtype=torch.float32, device=device)}
+        if self.stochastic:
+            out["seed"] = torch.zeros((), dtype=torch.int64, device=device)
+        return out
 
     def encode_(self, x, storage, signed=True):
-        codes, absmax = self._codes(x, signed)  # (nb, block), block is even
+        codes, absmax = self._codes(x, signed, storage)  # (nb, block), block is even
         pairs = codes.view(-1, 2)
         packed = (pairs[:, 0] << 4) | pairs[:, 1]
         dst = storage["codes"]
