@@ -148,51 +148,41 @@ def step(params: list[Tensor], grads: list[Tensor], ms: list[dict], vs: list[dic
 
         _TINY = float(getattr(codecs, "_TINY", torch.finfo(torch.float32).tiny))
     (smap, smid, slut), (umap, umid, ulut) = _tables()
-    k = len(params)
-    ptrs = (ctypes.c_void_p * (6 * k))()
-    sizes = (ctypes.c_int64 * k)()
-    offsets = (ctypes.c_int64 * (k + 1))()
-    total = 0
-    for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
-        ptrs[i] = p.data_ptr()
-        ptrs[k + i] = g.data_ptr()
-        ptrs[2 * k + i] = m["codes"].data_ptr()
-        ptrs[3 * k + i] = m["absmax"].data_ptr()
-        ptrs[4 * k + i] = v["codes"].data_ptr()
-        ptrs[5 * k + i] = v["absmax"].data_ptr()
-        n = p.numel()
-        sizes[i] = n
-        offsets[i] = total
-        total += -(-n // 256)
-    offsets[k] = total
-    base = ctypes.addressof(ptrs)
-    word = ctypes.sizeof(ctypes.c_void_p)
-    w = 1 - beta1
-    _lib.adamw_q8_step(k, base, base + k * word, base + 2 * k * word, base + 3 * k * word, base + 4 * k * word,
-                       base + 5 * k * word, sizes, offsets,
-                       1 - lr * weight_decay, w, beta1, int(w < 0.5), beta2, 1 - beta2, bc2_sqrt, eps,
-                       -lr * (1 / bc1), smap.data_ptr(), umap.data_ptr(), slut.data_ptr(), smid.data_ptr(),
+    arrays, sizes, offsets = _pack(params, [params, grads, [m["codes"] for m in ms], [m["absmax"] for m in ms],
+                                            [v["codes"] for v in vs], [v["absmax"] for v in vs]])
+    _lib.adamw_q8_step(len(params), *arrays, sizes, offsets, *_hyper(lr, beta1, beta2, eps, weight_decay, bc1,
+                                                                      bc2_sqrt),
+                       smap.data_ptr(), umap.data_ptr(), slut.data_ptr(), smid.data_ptr(),
                        ulut.data_ptr(), umid.data_ptr(), _TINY)
 
 
 def step_fp32(params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, lr: float,
               beta1: float, beta2: float, eps: float, weight_decay: float, bc1: float, bc2_sqrt: float) -> None:
     """The same fused AdamW step with float32 moments, all tensors in one call."""
+    arrays, sizes, offsets = _pack(params, [params, grads, ms, vs])
+    _lib.adamw_f32_step(len(params), *arrays, sizes, offsets,
+                        *_hyper(lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt))
+
+
+def _pack(params: list[Tensor], lists: list[list[Tensor]]):
+    """C arrays for the kernels: one array of data pointers per tensor list,
+    the element counts, and each tensor's first block in the global block range."""
     k = len(params)
-    ptrs = (ctypes.c_void_p * (4 * k))()
-    sizes = (ctypes.c_int64 * k)()
+    arrays = []
+    for tensors in lists:
+        arr = (ctypes.c_void_p * k)(*[t.data_ptr() for t in tensors])
+        arrays.append(arr)
+    sizes = (ctypes.c_int64 * k)(*[p.numel() for p in params])
     offsets = (ctypes.c_int64 * (k + 1))()
     total = 0
-    for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
-        ptrs[i], ptrs[k + i], ptrs[2 * k + i], ptrs[3 * k + i] = p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr()
-        n = p.numel()
-        sizes[i] = n
+    for i, n in enumerate(sizes):
         offsets[i] = total
         total += -(-n // 256)
     offsets[k] = total
-    base = ctypes.addressof(ptrs)
-    word = ctypes.sizeof(ctypes.c_void_p)
+    return arrays, sizes, offsets
+
+
+def _hyper(lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt) -> tuple:
+    """The per-step scalars both kernels take, computed as the reference path does."""
     w = 1 - beta1
-    _lib.adamw_f32_step(k, base, base + k * word, base + 2 * k * word, base + 3 * k * word, sizes, offsets,
-                        1 - lr * weight_decay, w, beta1, int(w < 0.5), beta2, 1 - beta2, bc2_sqrt, eps,
-                        -lr * (1 / bc1))
+    return (1 - lr * weight_decay, w, beta1, int(w < 0.5), beta2, 1 - beta2, bc2_sqrt, eps, -lr * (1 / bc1))
