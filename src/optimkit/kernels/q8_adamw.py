@@ -47,6 +47,20 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _cpu_signature() -> bytes:
+    """The machine type and, on Linux, the CPU feature flags."""
+    sig = os.uname().machine
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    sig += line
+                    break
+    except OSError:
+        pass
+    return sig.encode()
+
+
 def _compile() -> ctypes.CDLL | None:
     global _lib, _failed
     with _lock:
@@ -57,7 +71,8 @@ def _compile() -> ctypes.CDLL | None:
             _failed = True
             return None
         src = _SOURCE.read_bytes()
-        key = hashlib.sha256(src + " ".join([cc] + _FLAGS).encode() + os.uname().machine.encode()).hexdigest()[:16]
+        # -march=native: the library is only valid on CPUs with the same features
+        key = hashlib.sha256(src + " ".join([cc] + _FLAGS).encode() + _cpu_signature()).hexdigest()[:16]
         target = _cache_dir() / f"q8_adamw_{key}.so"
         try:
             if not target.exists():
