@@ -267,7 +267,6 @@ class Optimizer(torch.optim.Optimizer):
         views = [torch.view_as_real(p) if p.is_complex() else p for p in params]
         gviews = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
         states = [self._state_for(p, v, group) for p, v in zip(params, views)]
-        # Bucket by step count: params that missed steps (grad None) have their own count.
         # Bucket by step count (params that missed steps keep their own count) and dtype.
         buckets: dict[tuple, list[int]] = {}
         for i, (s, v) in enumerate(zip(states, views)):

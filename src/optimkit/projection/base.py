@@ -47,9 +47,6 @@ class Projection:
         full-space update direction."""
         raise NotImplementedError
 
-    def state_dict_safe(self) -> dict[str, Any]:
-        return dict(vars(self))
-
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
