@@ -53,12 +53,20 @@ def closed_unit(name: str, value: Any) -> float:
     return v
 
 
-def nonneg_int(name: str, value: Any) -> int:
+def _integer(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+    if value < minimum:
+        raise ValueError(f"Invalid {name}: {value} (must be >= {minimum})")
     return int(value)
+
+
+def nonneg_int(name: str, value: Any) -> int:
+    return _integer(name, value, 0)
+
+
+def positive_int(name: str, value: Any) -> int:
+    return _integer(name, value, 1)
 
 
 def boolean(name: str, value: Any) -> bool:

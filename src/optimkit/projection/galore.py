@@ -1,13 +1,13 @@
 """GaLore: the rule runs on the gradient projected on its top singular vectors."""
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..core.validation import nonneg
+from ..core import validation
+from ..core.validation import nonneg, positive_int  # noqa: F401  (positive_int: used by apollo/frugal)
 from .base import Projection
 
 #: ``proj_type`` values: which side of ``G`` (m x n) is projected.
@@ -15,18 +15,8 @@ SIDES = ("std", "reverse_std", "left", "right", "full")
 
 
 # ---------------------------------------------------------------- shared helpers
-def positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"Invalid {name}: {value} (must be >= 1)")
-    return int(value)
-
-
 def choice(name: str, value: Any, options: tuple) -> Any:
-    if value not in options:
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, options))})")
-    return value
+    return validation.choice(*options)(name, value)
 
 
 def side_of(shape, proj_type: str) -> str:
