@@ -16,6 +16,7 @@ CONTRACT_HP: dict[str, dict] = {
     "sm3": dict(momentum=0.9, beta=0.9),
     "adam_mini": dict(lr=1e-2, weight_decay=1e-4),
     "adamw_sn": dict(lr=1e-2, weight_decay=1e-4),
+    "sn_sm": dict(lr=1e-2, weight_decay=1e-4, rank=2, interval=3),
     "rmsprop": dict(momentum=0.5, centered=True, weight_decay=1e-4),
     "lion": dict(lr=1e-3, weight_decay=0.1),
     "adan": dict(lr=1e-2, weight_decay=0.02, max_grad_norm=1.0),

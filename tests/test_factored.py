@@ -1,4 +1,4 @@
-"""Factored / reduced-state optimizers: Adafactor, CAME, SM3, Adam-mini, AdamWSN.
+"""Factored / reduced-state optimizers: Adafactor, CAME, SM3, Adam-mini, AdamWSN, SN-SM.
 
 Each is checked against an independent reference over many steps with two param
 groups with different hyperparameters and mixed shapes (0-d, 1-D, 2-D, 3-D):
@@ -205,6 +205,88 @@ def test_adamw_sn_state_is_sqrt_sized():
     assert v.numel() < 2 * math.isqrt(p.numel())  # 256*512 = 131072 -> k = 256 (largest divisor <= 362)
 
 
+# ---------------------------------------------------------------- SN + subspace momentum vs equations
+
+def _ref_sn_sm(groups, stream):
+    """Subset-norm + subspace momentum written from the paper's equations, per tensor in
+    float64: an SVD basis of the smaller side of each matrix whose min side exceeds the
+    rank, refreshed at step 1 and every multiple of ``interval`` (momentum restarts);
+    plain EMA momentum elsewhere; subsets of k elements, k the largest divisor of numel
+    not above sqrt(numel) (matrices and higher), one per element otherwise."""
+    state = {}
+    for t, grads in enumerate(stream, start=1):
+        k_ = 0
+        for group in groups:
+            b1, b2 = group["betas"]
+            r = group["rank"]
+            for p in group["params"]:
+                g = grads[k_].double()
+                k_ += 1
+                st = state.setdefault(p, {"m": None, "v": None, "basis": None})
+                projected = p.dim() == 2 and min(p.shape) > r
+                if projected:
+                    right = p.shape[0] >= p.shape[1]
+                    if t == 1 or t % group["interval"] == 0:
+                        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+                        st["basis"] = vh[:r] if right else u[:, :r]
+                        st["m"] = None
+                    basis = st["basis"]
+                    down = (g @ basis.T) if right else (basis.T @ g)
+                    st["m"] = (1 - b1) * down if st["m"] is None else b1 * st["m"] + (1 - b1) * down
+                    up_m = (st["m"] @ basis) if right else (basis @ st["m"])
+                    up_r = (down @ basis) if right else (basis @ down)
+                    num = up_m + g - up_r
+                else:
+                    st["m"] = (1 - b1) * g if st["m"] is None else b1 * st["m"] + (1 - b1) * g
+                    num = st["m"]
+                n = g.numel()
+                k = max(i for i in range(1, max(1, math.isqrt(n)) + 1) if n % i == 0) if p.dim() >= 2 else 1
+                sq = (g.reshape(-1, k) ** 2).sum(dim=1, keepdim=True)
+                st["v"] = (1 - b2) * sq if st["v"] is None else b2 * st["v"] + (1 - b2) * sq
+                den = st["v"].sqrt() + group["eps"]
+                step = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                upd = (num.reshape(-1, k) / den).reshape(p.shape)
+                with torch.no_grad():
+                    new = p.double() - step * upd
+                    new = new * (1 - group["lr"] * group["weight_decay"])
+                    p.copy_(new)
+
+
+SN_SM_SHAPES = [(24, 10), (7,), (6, 20), (5, 3), (16, 12), (2, 3, 4)]
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_sn_sm_matches_equations(compiled):
+    first = dict(lr=1e-2, weight_decay=0.1, rank=3, interval=7)
+    second = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-8, rank=4, interval=5)
+    a, b = make_params(SN_SM_SHAPES), make_params(SN_SM_SHAPES)
+    stream = grad_stream(a, 30)
+    groups = [{"params": a[:3], **first}, {"params": a[3:], **second}]
+    mine = ok.create("sn_sm", groups, compile=compiled)
+    run_with_grads(mine, a, stream)
+    _ref_sn_sm([{**g, "params": b[:3] if i == 0 else b[3:]} for i, g in enumerate(mine.param_groups)], stream)
+    _compare(a, b)
+
+
+def test_sn_sm_state_is_subspace_sized():
+    p = torch.nn.Parameter(torch.zeros(256, 64))
+    q = torch.nn.Parameter(torch.zeros(32, 512))
+    opt = ok.create("sn_sm", [p, q], rank=8, state_precision="q8", min_quant_size=0)
+    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    opt.step()
+    sp, sq = opt.state[p], opt.state[q]
+    assert sp["sm_basis"].shape == (8, 64) and sp["sm_basis"].dtype == torch.float32  # never quantized
+    assert sq["sm_basis"].shape == (32, 8)
+    assert sp["_layout"]["exp_avg"][2] == (256, 8) and sq["_layout"]["exp_avg"][2] == (8, 512)
+    basis = sp["sm_basis"]
+    torch.testing.assert_close(basis @ basis.T, torch.eye(8), atol=1e-5, rtol=0)
+    # fp32: momentum k (m + n) + subset norm, versus m n for a full momentum
+    opt = ok.create("sn_sm", [p], rank=8)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert _state_numel(opt) == 8 * (256 + 64) + opt.state[p]["exp_avg_sq"].numel()
+
+
 # ---------------------------------------------------------------- Adam-mini vs the authors' adam_mini
 
 def _adam_mini_names(params):
@@ -299,7 +381,7 @@ def test_came_and_adam_mini_state_sizes():
 
 # ---------------------------------------------------------------- metadata and validation
 
-@pytest.mark.parametrize("name", ["adafactor", "came", "sm3", "adam_mini", "adamw_sn"])
+@pytest.mark.parametrize("name", ["adafactor", "came", "sm3", "adam_mini", "adamw_sn", "sn_sm"])
 def test_family_is_memory(name):
     assert ok.info(name).family == "memory"
 
@@ -319,6 +401,8 @@ def test_family_is_memory(name):
     ("sm3", "momentum", 1.0, ValueError),
     ("adamw_sn", "subset_size", 0, ValueError),
     ("adamw_sn", "subset_size", 2.5, TypeError),
+    ("sn_sm", "rank", 0, ValueError),
+    ("sn_sm", "interval", 1.5, TypeError),
 ])
 def test_invalid_hyperparameters(name, key, value, exc):
     with pytest.raises(exc, match=key):

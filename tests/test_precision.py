@@ -57,14 +57,16 @@ def plain_tensors(state: dict) -> dict[str, torch.Tensor]:
 
 
 def assert_all_encoded(opt, prec: str) -> None:
-    """Every state tensor of every parameter is stored with ``prec`` (min_quant_size=0)."""
+    """Every state tensor of every parameter is stored with ``prec`` (min_quant_size=0),
+    except those a transform keeps at full precision."""
     for p, st in opt.state.items():
         layout = st.get("_layout", {})
         assert layout, "no encoded state at all"
         for name, (got, signed, shape, *_) in layout.items():
             assert got == prec, f"state {name} stored as {got}, not {prec}"
             assert signed == (name not in opt._nonnegative), f"state {name}: signed={signed}"
-        leftovers = [k for k, v in plain_tensors(st).items() if v.dim() > 0 and k != "step"]
+        exact = {n for t in opt._transforms for n in t.full_precision}  # e.g. a subspace basis
+        leftovers = [k for k, v in plain_tensors(st).items() if v.dim() > 0 and k != "step" and k not in exact]
         assert not leftovers, f"states {leftovers} were not encoded"
 
 

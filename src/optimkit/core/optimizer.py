@@ -253,9 +253,10 @@ class Optimizer(torch.optim.Optimizer):
             for t in self._transforms:
                 for key, value in getattr(t, "scalar_state", {}).items():
                     state[key] = float(value)
+                exact = getattr(t, "full_precision", ())
                 for key, value in t.init(like, group).items():
-                    prec = layout.choose(group["state_precision"], key, value.numel(),
-                                         group["min_quant_size"], override)
+                    prec = "fp32" if key in exact else layout.choose(
+                        group["state_precision"], key, value.numel(), group["min_quant_size"], override)
                     layout.store(state, key, value, prec, signed=key not in self._nonnegative,
                                  rounding=group["state_rounding"])
             if group["bf16_compensation"] == "kahan" and view.dtype == torch.bfloat16:

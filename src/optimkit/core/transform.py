@@ -54,10 +54,13 @@ class Transform:
             (as Python floats, like the step count).
         nonnegative: names of state tensors that are never negative (second
             moments); low-bit precisions store them with an unsigned map.
+        full_precision: names of state tensors kept as created (e.g. an
+            orthonormal basis), whatever ``state_precision`` asks for.
     """
 
     scalar_state: dict[str, float] = {}
     nonnegative: tuple[str, ...] = ()
+    full_precision: tuple[str, ...] = ()
 
     def init(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         """Per-parameter state tensors for ``p`` (called once, on first use)."""

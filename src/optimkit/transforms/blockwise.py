@@ -54,7 +54,9 @@ class ScaleByBlockwiseAdam(Transform):
         blocks: ``(param, group) -> number of blocks``.
         reduce: ``"mean"`` or ``"sum"`` of the squared gradient over a block.
         m_key, v_key: state names of the first moment (full) and the block second
-            moment (shape ``[num_blocks, 1]``).
+            moment (shape ``[num_blocks, 1]``). ``m_key=None``: no first moment here;
+            the incoming update (e.g. subspace momentum) is the numerator and the
+            second moment is taken from the gradient ``ctx.grads``.
         eps_after_correction: where eps enters, see above.
     """
 
@@ -68,19 +70,24 @@ class ScaleByBlockwiseAdam(Transform):
         self.eps_after_correction = eps_after_correction
 
     def init(self, p, group):
-        return {self.m_key: p.new_zeros(p.shape), self.v_key: p.new_zeros(self.blocks(p, group), 1)}
+        st = {self.v_key: p.new_zeros(self.blocks(p, group), 1)}
+        if self.m_key is not None:
+            st[self.m_key] = p.new_zeros(p.shape)
+        return st
 
     def scalars(self, group, step, sstate):
         b1, b2 = group["betas"][:2]
         return {"block_bc1": 1 - b1 ** step, "block_bc2_sqrt": math.sqrt(1 - b2 ** step)}
 
     def __call__(self, u, ctx: Context):
-        g = dense(u)
         hp = ctx.hp
         b1, b2 = hp["betas"][:2]
         bc1, bc2_sqrt, eps = hp["block_bc1"], hp["block_bc2_sqrt"], hp["eps"]
-        m = ctx.state[self.m_key]
-        m.lerp_(g, 1 - b1)
+        if self.m_key is None:
+            g, m = ctx.grads, dense(u)
+        else:
+            g, m = dense(u), ctx.state[self.m_key]
+            m.lerp_(g, 1 - b1)
         mean = self.reduce == "mean"
         after = self.eps_after_correction
 
