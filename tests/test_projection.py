@@ -301,16 +301,23 @@ def test_apollo_matches_apollo_torch(mode, scale_front, limited):
 
 
 # ---------------------------------------------------------------- (c) FRUGAL
-def _frugal_reference_direction(k_of, interval, residual, residual_lr_scale, rule, shapes, basis_fn):
-    """FRUGAL as the authors' GaloreOptimizer._proj_params_update (state kept across
-    refreshes): up(rule(down(G))) + scale * h(G - up(down(G)))."""
+def _frugal_reference_direction(k_of, interval, residual, residual_lr_scale, rule, shapes, basis_fn,
+                                reset=True):
+    """FRUGAL as the authors' GaloreOptimizer: up(rule(down(G))) + scale * h(G - up(down(G))),
+    the rule started afresh (moments and step count) at every refresh when ``reset``."""
     bases = [None] * len(shapes)
-    rules = [rule(((m, k_of(m, n)) if m >= n else (k_of(m, n), n))) for (m, n) in shapes]
+
+    def fresh(m, n):
+        return rule(((m, k_of(m, n)) if m >= n else (k_of(m, n), n)))
+
+    rules = [fresh(m, n) for (m, n) in shapes]
 
     def direction(i, g, t):
         m, n = g.shape
         if (t - 1) % interval == 0:
             bases[i] = basis_fn(i, g, k_of(m, n))
+            if reset:
+                rules[i] = fresh(m, n)
         b = bases[i]
         if m >= n:
             r = g @ b.T
@@ -330,21 +337,23 @@ def _svd_basis(i, g, k):
     return vh[:k] if g.shape[0] >= g.shape[1] else u[:, :k]
 
 
-@pytest.mark.parametrize("residual,residual_lr_scale", [("signsgd", 1.0), ("sgd", 0.5), (None, 1.0)])
-def test_frugal_adamw_matches_handwritten_reference(residual, residual_lr_scale):
-    """SVD basis, k = round(density * projected dim) (density 0.4: 2 and 2), two groups."""
+@pytest.mark.parametrize("residual,residual_lr_scale,reset", [("signsgd", 1.0, True), ("sgd", 0.5, False),
+                                                              (None, 1.0, True)])
+def test_frugal_adamw_matches_handwritten_reference(residual, residual_lr_scale, reset):
+    """SVD basis, k = round(density * projected dim) (density 0.4: 2 and 2), two groups;
+    Adam restarted at each refresh (the reference's default) or kept."""
     interval, lr, lr2, wd = 5, 1e-2, 3e-3, 0.1
     params, stream = _params(), _stream()
     opt = ok.AdamW(_two_groups(params, lr2), lr=lr, weight_decay=wd,
                    projection=FRUGAL(density=0.4, interval=interval, residual=residual,
-                                     residual_lr_scale=residual_lr_scale))
+                                     residual_lr_scale=residual_lr_scale, reset_state=reset))
     run_with_grads(opt, params, stream)
 
     def k_of(m, n):
         return round(0.4 * (n if m >= n else m))
 
     matrix = _frugal_reference_direction(k_of, interval, residual, residual_lr_scale, RefAdam, SHAPES[:2],
-                                         _svd_basis)
+                                         _svd_basis, reset)
     full = RefAdam((7,))
     expected = run_reference(_params(), stream, [lr, lr, lr2], wd,
                              lambda i, g, t: full(g) if i == 2 else matrix(i, g, t))
@@ -381,6 +390,31 @@ def test_frugal_random_basis_sgd_momentum_matches_handwritten_reference():
         torch.testing.assert_close(p.detach(), e)
     q = opt.state[params[0]]["proj:Q"]
     torch.testing.assert_close(q @ q.T, torch.eye(rank), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("precision,placement", [("fp32", "device"), ("q8", "cpu"), ("q4", "disk")])
+def test_frugal_reset_equals_a_fresh_optimizer(precision, placement, tmp_path):
+    """At a refresh (step 4 with interval 3) the rule restarts: the step equals the first
+    step of a fresh optimizer started from the same parameters, whatever the state's
+    precision and placement (the reset writes into the existing storage)."""
+    interval, lr = 3, 1e-2
+    stream = _stream(4)
+    kw = dict(lr=lr, weight_decay=0.1, state_precision=precision, min_quant_size=0,
+              state_placement=placement, state_dir=str(tmp_path) if placement == "disk" else None)
+    a = _params()
+    opt = ok.AdamW(a[:2], projection=FRUGAL(rank=2, interval=interval), **kw)
+    run_with_grads(opt, a, stream[:3])
+    b = [p.detach().clone().requires_grad_() for p in a[:2]]
+    run_with_grads(opt, a, stream[3:])
+    fresh = ok.AdamW(b, projection=FRUGAL(rank=2, interval=interval), **kw)
+    run_with_grads(fresh, b, stream[3:])
+    for p, q in zip(a[:2], b):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        sa, sb = opt.state[p], fresh.state[q]
+        assert sa["step"] == sb["step"] == 1
+        for k, v in sb.items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(sa[k], v, rtol=0, atol=0, msg=k)
 
 
 # ---------------------------------------------------------------- (d) memory
@@ -446,11 +480,13 @@ def _hp(proj, rule):
 def test_every_rule_trains_with_every_projection(proj, rule):
     model, loss_fn = mlp_problem()
     hp = _hp(proj, rule)
-    opt = ok.create(rule, model.parameters(), projection=PROJECTIONS[proj](), **hp)
+    projection = PROJECTIONS[proj]()
+    opt = ok.create(rule, model.parameters(), projection=projection, **hp)
     losses = train(model, loss_fn, opt, 40)
     assert losses[-1] < 0.95 * losses[0], f"{proj} + {rule}: {losses[0]:.4f} -> {losses[-1]:.4f}"
     w = model[0].weight
-    assert int(opt.state[w]["step"]) == 40
+    # a rule restarted at each refresh (interval 4: steps 1, 5, ..., 37) counts from there
+    assert int(opt.state[w]["step"]) == (4 if projection.resets_state else 40)
     assert any(k.startswith("proj:") for k in opt.state[w])
 
 

@@ -90,6 +90,15 @@ def store(state: dict, name: str, value: Tensor, prec: str, signed: bool, roundi
     state.setdefault(LAYOUT_KEY, {})[name] = (prec, signed, tuple(value.shape), stochastic)
 
 
+def rewrite(state: dict, name: str, value: Tensor) -> None:
+    """Encode ``value`` into the existing storage of the encoded state ``name`` (in place)."""
+    meta = state[LAYOUT_KEY][name]
+    prefix = name + ":"
+    storage = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    device = max(storage.values(), key=lambda t: t.numel()).device
+    _codec_of(meta).encode_(value.float().to(device), storage, meta[1])
+
+
 def state_names(state: dict, exclude) -> list[str]:
     """Logical state names of one parameter's state, in a stable order."""
     layout = state.get(LAYOUT_KEY, {})

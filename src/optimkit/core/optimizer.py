@@ -242,12 +242,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def _state_for(self, p: Tensor, view: Tensor, group: dict) -> dict:
         state = self.state[p]
+        proj = group.get("projection")
+        projected = proj is not None and proj.applies(view)
         if not state:
             state["step"] = 0  # a Python int: no per-parameter tensor op on every step
             override = self._precision_overrides.get(id(p))
-            proj = group.get("projection")
             like = view
-            if proj is not None and proj.applies(view):
+            if projected:
                 save_projector_state(state, proj.init(view))
                 like = view.new_zeros(proj.subspace_shape(view))
             for t in self._transforms:
@@ -262,7 +263,23 @@ class Optimizer(torch.optim.Optimizer):
             if group["bf16_compensation"] == "kahan" and view.dtype == torch.bfloat16:
                 state[KAHAN_KEY] = torch.zeros_like(view)
             self._placement.place(state, group["state_placement"])
+        elif projected and proj.resets_state and state["step"] and proj.refreshes(state["step"] + 1):
+            self._reset_rule_state(state, view.new_zeros(proj.subspace_shape(view)), group)
         return state
+
+    def _reset_rule_state(self, state: dict, like: Tensor, group: dict) -> None:
+        """Start the rule afresh (state as first created, step count 0), writing in
+        place so that precision and placement are kept; projector state is not touched."""
+        state["step"] = 0
+        stored = state.get(layout.LAYOUT_KEY, {})
+        for t in self._transforms:
+            for key, value in getattr(t, "scalar_state", {}).items():
+                state[key] = float(value)
+            for key, value in t.init(like, group).items():
+                if key in stored:
+                    layout.rewrite(state, key, value)
+                else:
+                    state[key].copy_(value)
 
     def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         views = [torch.view_as_real(p) if p.is_complex() else p for p in params]

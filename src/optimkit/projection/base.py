@@ -4,7 +4,8 @@ A :class:`Projection` is a small config object given as ``projection=`` to any
 optimizer (per param group). For the parameters it ``applies`` to (matrices),
 the facade
 
-1. projects the gradient, ``r = project(g)`` (refreshing the projector when due),
+1. projects the gradient, ``r = project(g)`` (refreshing the projector when due,
+   and restarting the rule's state then if the projection asks for it),
 2. runs the optimizer's rule on ``r`` with state shaped like ``r``,
 3. maps the rule's update back to the parameter's shape,
    ``U = back(u, r, g)``, and applies ``p <- p - lr * U``.
@@ -25,7 +26,19 @@ PREFIX = "proj:"
 
 
 class Projection:
-    """Base class: subclasses implement ``init``, ``subspace_shape``, ``project`` and ``back``."""
+    """Base class: subclasses implement ``init``, ``subspace_shape``, ``project`` and ``back``.
+
+    A projection whose ``resets_state`` is true has the facade restart the rule
+    (its state as first created, step count 0) at every step for which
+    ``refreshes(step)`` is true, except the first: the rule's state then never
+    mixes two subspaces.
+    """
+
+    resets_state: bool = False
+
+    def refreshes(self, step: int) -> bool:
+        """Whether the projector is recomputed at ``step`` (counted from 1)."""
+        return False
 
     def applies(self, p: Tensor) -> bool:
         """Whether ``p`` is projected (default: 2-D matrices)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.validation import closed_unit, nonneg
+from ..core.validation import boolean, closed_unit, nonneg
 from .apollo import next_seed
 from .galore import (ProjectionConfig, basis_state, choice, positive_int, project_down, project_up,
                      refresh_due, side_of, subspace_of, svd_basis)
@@ -43,23 +43,23 @@ class FRUGAL(ProjectionConfig):
             ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"``.
         seed: ``"random"`` bases of parameter ``i`` (counted from 1 in the
             order their state is created) start from seed ``seed + i``.
+        reset_state: restart the rule (moments and step count, as first
+            created) whenever the subspace changes, as the reference's
+            ``reset_statistics=True`` (its default); ``False`` keeps the rule's
+            state across refreshes (as GaLore).
 
     State per projected m x n matrix (m >= n): the rule's state of shape m x k,
     plus the basis ``proj:Q`` (k x n) (and ``proj:seed`` for ``"random"``).
 
     Paper: Zmushko et al., "FRUGAL: Memory-Efficient Optimization by Reducing
     State Overhead for Scalable Training" (2024). Checked against a step written
-    from the authors' code (``GaloreOptimizer._proj_params_update``), which is
-    not on PyPI. Deviation: the reference resets the rule's state (moments and
-    step count) when the subspace changes (``reset_statistics=True``); here the
-    state is kept across refreshes (as GaLore and the reference's
-    ``reset_statistics=False``). The reference's ``proj_params_lr_scale`` is a
-    per-group learning rate here.
+    from the authors' code (``GaloreOptimizer``), which is not on PyPI. The
+    reference's ``proj_params_lr_scale`` is a per-group learning rate here.
     """
 
     def __init__(self, rank: int | None = None, density: float = 0.25, interval: int = 200,
                  residual: str | None = "signsgd", residual_lr_scale: float = 1.0, proj_type: str = "svd",
-                 side: str = "std", seed: int = 0):
+                 side: str = "std", seed: int = 0, reset_state: bool = True):
         self.rank = None if rank is None else positive_int("rank", rank)
         self.density = closed_unit("density", density)
         self.interval = positive_int("interval", interval)
@@ -70,7 +70,12 @@ class FRUGAL(ProjectionConfig):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"Invalid seed: {seed!r} (must be an int >= 0)")
         self.seed = seed
+        self.reset_state = boolean("reset_state", reset_state)
         self._count = 0
+
+    @property
+    def resets_state(self) -> bool:
+        return self.reset_state
 
     def _k(self, shape) -> int:
         m, n = shape

@@ -86,6 +86,9 @@ class ProjectionConfig(Projection):
     """A projection whose public attributes are its configuration (private ones,
     starting with ``_``, are bookkeeping and not shown)."""
 
+    def refreshes(self, step: int) -> bool:
+        return refresh_due(step, self.interval)
+
     def state_dict_safe(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
