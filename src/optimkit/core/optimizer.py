@@ -62,7 +62,7 @@ class Optimizer(torch.optim.Optimizer):
       smaller ones stay fp32. ``state_precision_overrides={param: "fp32"}``
       (constructor only) pins chosen parameters, e.g. embeddings.
       ``state_rounding="stochastic"`` rounds q8/q4 codes stochastically
-      (unbiased, deterministic noise): slow moving averages no longer stall
+      (unbiased, deterministic low-discrepancy dither): slow moving averages no longer stall
       when their increments are below half a code step.
     * ``projection``: ``None`` (full space) or a projection such as
       ``optimkit.GaLore(rank=128)``: the rule runs on projected gradients of

@@ -236,16 +236,25 @@ def _absmax_scaled(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     return y, absmax
 
 
-def _hash_uniform(n: int, seed: Tensor, device) -> Tensor:
-    """``n`` deterministic uniforms in [0, 1) from element indices and ``seed``
-    (an int64 0-d tensor): an integer hash in int64 arithmetic that never
-    overflows, so it is the same on every device and under torch.compile."""
+def _dither(n: int, seed: Tensor, device) -> Tensor:
+    """``n`` uniforms in [0, 1) for the encode number ``seed`` (an int64 0-d tensor).
+
+    Element ``i`` gets ``u_i(t) = frac(h(i) + t * phi)``: a fixed pseudo-random
+    offset ``h(i)`` (an integer hash of the index) advanced by the golden ratio
+    ``phi`` at each encode ``t`` (a Weyl sequence, in 32-bit fixed point). Over
+    the offsets every ``u_i(t)`` is uniform, so rounding with it is unbiased;
+    along ``t`` the sequence is low-discrepancy, so an element's rounding errors
+    over consecutive steps cancel instead of accumulating like independent
+    noise in an EMA (measured: Lion q4 on digits +7.1% -> +2.1% held-out loss
+    over fp32). Integer int64 arithmetic that never overflows: identical on every
+    device and under torch.compile."""
     mask = 0xFFFFFFFF
-    x = (torch.arange(n, dtype=torch.int64, device=device) * 1103515245 + seed * 12345 + 0x5BD1E995) & mask
+    x = (torch.arange(n, dtype=torch.int64, device=device) * 1103515245 + 0x5BD1E995) & mask
     for _ in range(2):
         x = x ^ (x >> 16)
         x = (x * 0x45D9F3B) & mask
     x = x ^ (x >> 16)
+    x = (x + (seed & 0xFFFFFF) * 0x9E3779B9) & mask  # + t * phi * 2**32 (t modulo 2**24)
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
@@ -257,9 +266,9 @@ class _Blockwise(Codec):
     entries with probabilities that make the decoded value unbiased, instead of
     to the nearest: an exponential moving average whose per-step increment is
     below half a code step then still moves in expectation (nearest rounding
-    loses such increments every step). The noise is a hash of the element
-    index and a counter kept in the storage (``seed``), so runs are
-    deterministic and resume bit-exactly.
+    loses such increments every step). The dither is a function of the element
+    index and an encode counter kept in the storage (``seed``), low-discrepancy
+    in time (see :func:`_dither`), so runs are deterministic and resume bit-exactly.
     """
 
     bits: ClassVar[int] = 8
@@ -295,7 +304,7 @@ class _Blockwise(Codec):
         lo, hi = values[lower], values[lower + 1]
         p_up = ((y - lo) / (hi - lo)).clamp(0.0, 1.0)
         seed = storage["seed"]
-        u = _hash_uniform(y.numel(), seed, y.device).view_as(y)
+        u = _dither(y.numel(), seed, y.device).view_as(y)
         seed.add_(1)
         return lower + (u < p_up).long(), absmax
 
