@@ -132,3 +132,47 @@ def test_fp32_kernel_and_inductor_path_both_match_torch(cls, torch_cls):
     for params in results:
         for a, b in zip(params, ref):
             torch.testing.assert_close(a, b)
+
+
+def _adversarial(signed: bool) -> torch.Tensor:
+    """Values where a nearest-code encoder can go wrong: every map value and
+    midpoint and the floats right next to them, binade edges, tiny and
+    subnormal values, 0 and +-1, values a rounding step past 1, plus a sweep
+    of random magnitudes over all the decades."""
+    from optimkit.state import maps
+
+    values = torch.tensor(maps.dynamic_map(signed, 8), dtype=torch.float32)
+    mids = torch.tensor(maps.midpoints(maps.dynamic_map(signed, 8)), dtype=torch.float32)
+    binades = 2.0 ** torch.arange(-40, 2, dtype=torch.float32)
+    special = torch.tensor([0.0, 1.0, 1e-45, 1e-38, 1.1754944e-38, 1e-30, 1e-9, 2.0, 3.0])
+    g = torch.Generator().manual_seed(0)
+    sweep = torch.cat([10.0 ** (-9 * torch.rand(200_000, generator=g)), torch.rand(50_000, generator=g)])
+    base = torch.cat([values.abs(), mids.abs(), binades, special, sweep])
+    near = [base]
+    for k in range(1, 4):  # k floats above and below each value
+        bits = base.view(torch.int32)
+        near += [(bits + k).view(torch.float32), (bits - k).clamp_min(0).view(torch.float32)]
+    pos = torch.cat(near)
+    return torch.cat([pos, -pos]) if signed else pos
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("simd", [True, False])
+def test_encoder_gives_the_nearest_code(signed, simd):
+    """The kernel's encoder against the reference rule (the number of map
+    midpoints <= y) on adversarial values, exactly, ties included."""
+    from optimkit.state import maps
+
+    y = _adversarial(signed)
+    mids = torch.tensor(maps.midpoints(maps.dynamic_map(signed, 8)), dtype=torch.float32)
+    expected = torch.bucketize(y, mids, right=True)
+    got = q8_adamw.encode_codes(y, signed, simd=simd).long()
+    wrong = (got != expected).nonzero().view(-1)
+    assert wrong.numel() == 0, (y[wrong[:5]].tolist(), got[wrong[:5]].tolist(), expected[wrong[:5]].tolist())
+    # the same through a block scale (the kernel multiplies by 1 / scale)
+    scale = 0.37
+    z = (y * scale).clamp(-scale, scale)
+    got = q8_adamw.encode_codes(z, signed, scale=scale, simd=simd).long()
+    inv = torch.tensor(1.0) / torch.tensor(scale)  # float32, as the kernel computes it
+    expected = torch.bucketize(z * inv, mids, right=True)
+    assert torch.equal(got, expected)

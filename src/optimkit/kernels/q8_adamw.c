@@ -11,20 +11,39 @@
  * kept apart so that each is a plain loop the compiler vectorizes (gathers
  * for the table lookups).
  *
- * Nearest code: a small table keyed by the sign and the top 16 bits of |y|
- * (clamped to the exponents that matter, so the table stays in L1) gives
- * the lower candidate code c; the answer is c or c + 1 depending on the
- * midpoint between them (the table is built so that no key range contains
- * two midpoints).
+ * Nearest code: the dynamic map is a zero, then one decade after another
+ * (decade d holds a uniform grid of cells), then 1. From |y|, the float's
+ * exponent picks a binade; a binade holds at most one of the thresholds
+ * (the midpoints) where the next decade starts, so one comparison gives the
+ * region (zero or a decade). Inside a region the cell follows from an affine
+ * function of |y|, floored with a small downward bias so that the result c
+ * is the nearest code or the one below it, never above; one comparison with
+ * the midpoint between c and c + 1 (a table lookup by permutes) settles it.
+ * The signed map is handled on |y| (its negative half mirrors the positive
+ * one); a negative y uses the float just below |y| so that exact midpoints
+ * round as the reference's count of midpoints <= y does.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define BLOCK 256
-#define KEY_LO ((127 - 24) << 7)
-#define KEY_HI (127 << 7)
-#define SPAN (KEY_HI - KEY_LO + 1)
+
+/* Layout of an encoder table (floats; the int32 entries are stored as bits),
+ * built by q8_adamw.py for one map. Binade entries are keyed by the low five
+ * bits of the exponent of |y| (exponents below 96, i.e. |y| < 2**-31, count
+ * as 96: no threshold lies there; above 127 as 127), region entries by the region index
+ * (0: the zero code, 1 + d: decade d). Codes here are those of the half map
+ * (0 = zero, ..., the last = 1); the signed map adds or subtracts them from
+ * its zero code. */
+#define ENC_THR 0      /* 32: the region threshold inside the binade, or inf */
+#define ENC_BASE 32    /* 32 int32: the region of the binade below its threshold */
+#define ENC_INV 64     /* 16: 1 / cell width */
+#define ENC_BIAS 80    /* 16: first code of the region - cell start / width - 0.1 */
+#define ENC_CMAX 96    /* 16: last code of the region, as a float */
+#define ENC_MID 112    /* 256: midpoint between half-map codes c and c + 1 (inf at the end) */
+#define ENC_SIZE 368
+#define SIGNED_ZERO 127
 
 typedef struct {
     float decay, w, b1, b2, one_minus_b2, bc2_sqrt, eps, step_value, tiny;
@@ -90,23 +109,70 @@ static inline int64_t update_block_avx512(float *restrict pp, const float *restr
     return i;
 }
 
+/* The same for a 128-float table in 8 registers (indices in [0, 127]). */
+static inline __m512 lookup128(const __m512 *t, __m512i idx) {
+    __m512 r0 = _mm512_permutex2var_ps(t[0], idx, t[1]);
+    __m512 r1 = _mm512_permutex2var_ps(t[2], idx, t[3]);
+    __m512 r2 = _mm512_permutex2var_ps(t[4], idx, t[5]);
+    __m512 r3 = _mm512_permutex2var_ps(t[6], idx, t[7]);
+    __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    __m512 s0 = _mm512_mask_blend_ps(b5, r0, r1), s1 = _mm512_mask_blend_ps(b5, r2, r3);
+    return _mm512_mask_blend_ps(b6, s0, s1);
+}
+
+typedef struct {
+    __m512 thr[2], inv, bias, cmax, mid[16];
+    __m512i base[2];
+} enc_regs;
+
+static inline void load_encoder(enc_regs *r, const float *enc) {
+    for (int k = 0; k < 2; ++k) {
+        r->thr[k] = _mm512_loadu_ps(enc + ENC_THR + 16 * k);
+        r->base[k] = _mm512_loadu_si512((const void *)(enc + ENC_BASE + 16 * k));
+    }
+    r->inv = _mm512_loadu_ps(enc + ENC_INV);
+    r->bias = _mm512_loadu_ps(enc + ENC_BIAS);
+    r->cmax = _mm512_loadu_ps(enc + ENC_CMAX);
+    load_table(r->mid, enc + ENC_MID);
+}
+
+/* Nearest half-map codes of 16 values a >= 0 (see the comment at the top). */
+static inline __m512i half_codes(__m512 a, const enc_regs *r, int wide) {
+    __m512i e = _mm512_srli_epi32(_mm512_castps_si512(a), 23);
+    e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(96)), _mm512_set1_epi32(127));
+    __m512i reg = _mm512_permutex2var_epi32(r->base[0], e, r->base[1]);
+    __mmask16 above = _mm512_cmp_ps_mask(a, _mm512_permutex2var_ps(r->thr[0], e, r->thr[1]), _CMP_GE_OQ);
+    reg = _mm512_mask_add_epi32(reg, above, reg, _mm512_set1_epi32(1));
+    __m512 t = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(reg, r->inv), _mm512_permutexvar_ps(reg, r->bias));
+    t = _mm512_min_ps(t, _mm512_permutexvar_ps(reg, r->cmax));
+    __m512i c = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 mid = wide ? lookup256(r->mid, c) : lookup128(r->mid, c);
+    __mmask16 up = _mm512_cmp_ps_mask(a, mid, _CMP_GE_OQ);
+    return _mm512_mask_add_epi32(c, up, c, _mm512_set1_epi32(1));
+}
+
+/* Codes of x[i] / scale for the signed (m) or unsigned (v) map, 16 at a time;
+ * returns how many elements it handled. */
 static inline int64_t encode_block_avx512(const float *restrict x, float scale, uint8_t *restrict codes,
-                                          int64_t len, const int32_t *restrict lut, const __m512 *midt) {
+                                          int64_t len, const enc_regs *r, int is_signed) {
     const __m512 s = _mm512_set1_ps(1.0f / scale);
-    const __m512i lo = _mm512_set1_epi32(KEY_LO), hi = _mm512_set1_epi32(KEY_HI);
-    const __m512i span = _mm512_set1_epi32(SPAN), absmask = _mm512_set1_epi32(0x7FFFFFFF);
+    const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), zero = _mm512_set1_epi32(SIGNED_ZERO);
     int64_t i = 0;
     for (; i + 16 <= len; i += 16) {
-        __m512 y = _mm512_mul_ps(_mm512_load_ps(x + i), s);
-        __m512i bits = _mm512_castps_si512(y);
-        __m512i key = _mm512_srli_epi32(_mm512_and_si512(bits, absmask), 16);
-        key = _mm512_min_epi32(_mm512_max_epi32(key, lo), hi);
-        __m512i slot = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(bits, 31), span),
-                                        _mm512_sub_epi32(key, lo));
-        __m512i c = _mm512_i32gather_epi32(slot, lut, 4);
-        __mmask16 up = _mm512_cmp_ps_mask(y, lookup256(midt, c), _CMP_GE_OQ);
-        c = _mm512_mask_add_epi32(c, up, c, _mm512_set1_epi32(1));
-        _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(c));
+        __m512 y = _mm512_mul_ps(_mm512_loadu_ps(x + i), s);
+        __m512i ab = _mm512_and_si512(_mm512_castps_si512(y), absmask);
+        __m512i code;
+        if (is_signed) {
+            /* y < 0: the float below |y|, so that |y| on a midpoint rounds toward zero */
+            __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
+            ab = _mm512_mask_sub_epi32(ab, neg, ab, _mm512_set1_epi32(1));
+            __m512i c = half_codes(_mm512_castsi512_ps(ab), r, 0);
+            code = _mm512_mask_sub_epi32(_mm512_add_epi32(c, zero), neg, zero, _mm512_min_epi32(c, zero));
+        } else {
+            code = half_codes(_mm512_castsi512_ps(ab), r, 1);
+        }
+        _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(code));
     }
     return i;
 }
@@ -151,19 +217,48 @@ static inline void update_block(float *restrict pp, const float *restrict gg, co
     }
 }
 
+/* The scalar encoder: the same operations as encode_block_avx512. */
+static inline uint8_t encode_one(float y, const float *restrict enc, int is_signed) {
+    uint32_t ab;
+    memcpy(&ab, &y, 4);
+    ab &= 0x7FFFFFFFu;
+    int neg = is_signed && y < 0.f;
+    ab -= (uint32_t)neg;
+    float a;
+    memcpy(&a, &ab, 4);
+    int32_t e = (int32_t)(ab >> 23);
+    e = (e < 96 ? 96 : (e > 127 ? 127 : e)) & 31;
+    int32_t reg, c;
+    memcpy(&reg, enc + ENC_BASE + e, 4);
+    reg += a >= enc[ENC_THR + e];
+    float t = fmaf(a, enc[ENC_INV + reg], enc[ENC_BIAS + reg]);
+    float cmax = enc[ENC_CMAX + reg];
+    t = t < cmax ? t : cmax;                  /* the vector min: cmax when t is NaN */
+    c = (int32_t)floorf(t);
+    c += a >= enc[ENC_MID + c];
+    if (!is_signed) return (uint8_t)c;
+    return (uint8_t)(neg ? SIGNED_ZERO - (c < SIGNED_ZERO ? c : SIGNED_ZERO) : SIGNED_ZERO + c);
+}
+
 static inline void encode_block(const float *restrict x, float scale, uint8_t *restrict codes, int64_t from,
-                                int64_t len, const int32_t *restrict lut, const float *restrict mid) {
+                                int64_t len, const float *restrict enc, int is_signed) {
     const float inv = 1.0f / scale;
-#pragma omp simd
-    for (int64_t i = from; i < len; ++i) {
-        float y = x[i] * inv;
-        uint32_t bits;
-        memcpy(&bits, &y, 4);
-        int32_t key = (int32_t)((bits & 0x7FFFFFFFu) >> 16);
-        key = key < KEY_LO ? KEY_LO : (key > KEY_HI ? KEY_HI : key);
-        int32_t c = lut[(int32_t)(bits >> 31) * SPAN + key - KEY_LO];
-        codes[i] = (uint8_t)(c + (y >= mid[c]));
+    for (int64_t i = from; i < len; ++i) codes[i] = encode_one(x[i] * inv, enc, is_signed);
+}
+
+/* The encoder alone (for tests): codes of x[i] / scale, i < n; simd = 0
+ * forces the scalar loop. */
+void q8_encode(const float *x, int64_t n, float scale, uint8_t *codes, const float *enc, int is_signed,
+               int simd) {
+    int64_t done = 0;
+#ifdef HAVE_AVX512
+    if (simd) {
+        enc_regs r;
+        load_encoder(&r, enc);
+        done = encode_block_avx512(x, scale, codes, n, &r, is_signed);
     }
+#endif
+    encode_block(x, scale, codes, done, n, enc, is_signed);
 }
 
 /* One call for a list of tensors: one parallel region over all their blocks
@@ -173,19 +268,19 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
                    uint8_t **vcs, float **vabss, const int64_t *ns, const int64_t *block_offsets,
                    float decay, float one_minus_b1, float b1, int low_weight, float b2,
                    float one_minus_b2, float bc2_sqrt, float eps, float step_value,
-                   const float *smap, const float *umap,
-                   const int32_t *slut, const float *smid, const int32_t *ulut, const float *umid,
+                   const float *smap, const float *umap, const float *senc, const float *uenc,
                    float tiny) {
     hyper h = {decay, one_minus_b1, b1, b2, one_minus_b2, bc2_sqrt, eps, step_value, tiny};
     int64_t nblocks = block_offsets[ntensors];
 #pragma omp parallel
     {
 #ifdef HAVE_AVX512
-    __m512 st[16], ut[16], smt[16], umt[16];
+    __m512 st[16], ut[16];
+    enc_regs se, ue;
     load_table(st, smap);
     load_table(ut, umap);
-    load_table(smt, smid);
-    load_table(umt, umid);
+    load_encoder(&se, senc);
+    load_encoder(&ue, uenc);
 #endif
 #pragma omp for schedule(static)
     for (int64_t gb = 0; gb < nblocks; ++gb) {
@@ -222,11 +317,11 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
         float ms = mmax > tiny ? mmax : tiny, vs = vmax > tiny ? vmax : tiny;
         int64_t me = 0, ve = 0;
 #ifdef HAVE_AVX512
-        me = encode_block_avx512(mb, ms, mc + start, len, slut, smt);
-        ve = encode_block_avx512(vb, vs, vc + start, len, ulut, umt);
+        me = encode_block_avx512(mb, ms, mc + start, len, &se, 1);
+        ve = encode_block_avx512(vb, vs, vc + start, len, &ue, 0);
 #endif
-        encode_block(mb, ms, mc + start, me, len, slut, smid);
-        encode_block(vb, vs, vc + start, ve, len, ulut, umid);
+        encode_block(mb, ms, mc + start, me, len, senc, 1);
+        encode_block(vb, vs, vc + start, ve, len, uenc, 0);
     }
     }
 }

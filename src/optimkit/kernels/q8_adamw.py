@@ -5,8 +5,9 @@ The tensor-op path (decode -> AdamW transforms -> encode) needs several
 passes over memory and a binary search per element. This kernel, written in
 C and compiled once per machine with the system C compiler (OpenMP,
 auto-vectorized), does the whole step per block of 256 elements while the
-block is in cache: decode, update, absmax, nearest-code encode (a lookup
-table on the float's top 16 bits plus one comparison). It reproduces the
+block is in cache: decode, update, absmax, nearest-code encode (the map's
+region from the float's exponent and one comparison, the cell from an affine
+function of the value, then one comparison with a midpoint). It reproduces the
 reference path's float32 operations in the same order; tests check that
 parameters and decoded states agree.
 
@@ -86,7 +87,10 @@ def _compile() -> ctypes.CDLL | None:
             f = lib.adamw_q8_step
             f.restype = None
             P, I64, F, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-            f.argtypes = [I64, P, P, P, P, P, P, P, P, F, F, F, I, F, F, F, F, F, P, P, P, P, P, P, F]
+            f.argtypes = [I64, P, P, P, P, P, P, P, P, F, F, F, I, F, F, F, F, F, P, P, P, P, F]
+            enc = lib.q8_encode
+            enc.restype = None
+            enc.argtypes = [P, I64, F, P, P, I, I]
             f32 = lib.adamw_f32_step
             f32.restype = None
             f32.argtypes = [I64, P, P, P, P, P, P, F, F, F, I, F, F, F, F, F]
@@ -97,34 +101,56 @@ def _compile() -> ctypes.CDLL | None:
         return _lib
 
 
-#: Keys are the top 16 bits of |y| (8 exponent + 7 mantissa bits), clamped to
-#: [KEY_LO, KEY_HI]: |y| < 2**-24 shares the lowest key (no midpoint lies
-#: below 2**-24 in either map), |y| <= 1 by construction.
-KEY_LO, KEY_HI = (127 - 24) << 7, 127 << 7
-SPAN = KEY_HI - KEY_LO + 1
+# Layout of an encoder table: see ENC_* in q8_adamw.c.
+_THR, _BASE, _INV, _BIAS, _CMAX, _MID, _SIZE = 0, 32, 64, 80, 96, 112, 368
+_BIAS_DOWN = 0.1  # the cell estimate is biased down by this much (in cells)
 
 
-def _lut(signed: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(map values, midpoints padded to 256, lower-candidate table of 2 * SPAN entries).
+def _encoder(signed: bool) -> tuple[Tensor, Tensor]:
+    """(map values, encoder table) for the 8-bit dynamic map.
 
-    Entry ``sign * SPAN + key - KEY_LO`` holds the code of the smallest value
-    with that sign and key; the nearest code of any ``y`` with that sign and
-    key is that code or the next one (checked here)."""
-    values = torch.tensor(maps.dynamic_map(signed, 8), dtype=torch.float32)
-    mids = torch.tensor(maps.midpoints(maps.dynamic_map(signed, 8)), dtype=torch.float32)
-    keys = torch.arange(KEY_LO, KEY_HI + 1, dtype=torch.int64)
-    lo = (keys << 16).to(torch.int32).view(torch.float32).clone()
-    lo[0] = 0.0
-    hi = ((keys << 16) | 0xFFFF).to(torch.int32).view(torch.float32).clamp_max(1.0)
-    cands = []
-    for low_end, high_end in ((lo, hi), (-hi, -lo)):  # positive, then negative values
-        cand = torch.bucketize(low_end, mids, right=True)
-        top = torch.bucketize(high_end, mids, right=True)
-        if not bool(((top - cand) <= 1).all()):  # pragma: no cover - a property of the map
-            raise AssertionError("a lookup bucket spans two midpoints")
-        cands.append(cand)
-    padded = torch.cat([mids, torch.tensor([float("inf")])])  # mid[255] = inf: never step past 255
-    return values, padded, torch.cat(cands).to(torch.int32)
+    The half map (zero, then the non-negative codes) splits into regions: the
+    zero code, then one per decade, each a uniform grid of cells. Region r
+    starts at the midpoint below its first code. In a region, code
+    ``floor(min(a * inv + bias, cmax))`` is the nearest one or the one below
+    (the map's values sit on the ideal grid far closer than the bias), so one
+    comparison with the midpoint above it finishes; every binade ``[2**e,
+    2**(e+1))`` holds at most one region start, so one comparison finds the
+    region."""
+    values = maps.dynamic_map(signed, 8)
+    half = [v for v in values if v >= 0.0]                      # 0, decades ..., 1
+    mids = maps.midpoints(tuple(half))
+    decades = 7
+    regions = [(0, 1, 0.0, 1.0)]                                # (first code, cells, start, width)
+    first = 1
+    for d in range(decades):
+        cells = 2 ** d if signed else 2 ** (d + 1)
+        scale = 10.0 ** (d - decades + 1)
+        regions.append((first, cells, 0.1 * scale, 0.9 * scale / cells))
+        first += cells
+    if first != len(half) - 1:  # pragma: no cover - a property of the map
+        raise AssertionError("unexpected map layout")
+    starts = [mids[f - 1] for f, *_ in regions[1:]]           # region r + 1 starts here
+    table = torch.zeros(_SIZE, dtype=torch.float32)
+    ints = table.view(torch.int32)
+    for i in range(32):
+        lo, hi = (0.0 if i == 0 else 2.0 ** (i - 31)), 2.0 ** (i - 30)
+        inside = [t for t in starts if lo <= t < hi]
+        if len(inside) > 1:  # pragma: no cover - a property of the map
+            raise AssertionError("a binade holds two region starts")
+        ints[_BASE + i] = sum(t < lo for t in starts)
+        table[_THR + i] = inside[0] if inside else float("inf")
+    for r in range(16):  # regions past the last (only |y| = inf gets there) repeat it
+        f, cells, start, width = regions[min(r, len(regions) - 1)]
+        if r == 0:
+            inv, bias = 0.0, 0.0
+        else:
+            inv = 1.0 / width
+            bias = f - start * inv - _BIAS_DOWN
+        table[_INV + r], table[_BIAS + r], table[_CMAX + r] = inv, bias, f + cells - 1
+    table[_MID:_MID + len(mids)] = torch.tensor(mids, dtype=torch.float32)
+    table[_MID + len(mids):] = float("inf")
+    return torch.tensor(values, dtype=torch.float32), table
 
 
 _TABLES: dict = {}
@@ -132,9 +158,21 @@ _TABLES: dict = {}
 
 def _tables():
     if not _TABLES:
-        _TABLES["s"] = _lut(True)
-        _TABLES["u"] = _lut(False)
+        _TABLES["s"] = _encoder(True)
+        _TABLES["u"] = _encoder(False)
     return _TABLES["s"], _TABLES["u"]
+
+
+def encode_codes(y: Tensor, signed: bool, scale: float = 1.0, simd: bool = True) -> Tensor:
+    """The kernel's nearest-code encoder alone: uint8 codes of ``y / scale`` (for tests)."""
+    if _compile() is None:
+        raise RuntimeError("the q8 kernel is not available")
+    y = y.detach().to(torch.float32).contiguous().view(-1)
+    (_, senc), (_, uenc) = _tables()
+    out = torch.empty(y.numel(), dtype=torch.uint8)
+    _lib.q8_encode(y.data_ptr(), y.numel(), scale, out.data_ptr(), (senc if signed else uenc).data_ptr(),
+                   int(signed), int(simd))
+    return out
 
 
 @contextlib.contextmanager
@@ -162,13 +200,12 @@ def step(params: list[Tensor], grads: list[Tensor], ms: list[dict], vs: list[dic
         from ..state import codecs
 
         _TINY = float(getattr(codecs, "_TINY", torch.finfo(torch.float32).tiny))
-    (smap, smid, slut), (umap, umid, ulut) = _tables()
+    (smap, senc), (umap, uenc) = _tables()
     arrays, sizes, offsets = _pack(params, [params, grads, [m["codes"] for m in ms], [m["absmax"] for m in ms],
                                             [v["codes"] for v in vs], [v["absmax"] for v in vs]])
     _lib.adamw_q8_step(len(params), *arrays, sizes, offsets, *_hyper(lr, beta1, beta2, eps, weight_decay, bc1,
                                                                       bc2_sqrt),
-                       smap.data_ptr(), umap.data_ptr(), slut.data_ptr(), smid.data_ptr(),
-                       ulut.data_ptr(), umid.data_ptr(), _TINY)
+                       smap.data_ptr(), umap.data_ptr(), senc.data_ptr(), uenc.data_ptr(), _TINY)
 
 
 def step_fp32(params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, lr: float,
