@@ -12,16 +12,20 @@
  * for the table lookups).
  *
  * Nearest code: the dynamic map is a zero, then one decade after another
- * (decade d holds a uniform grid of cells), then 1. From |y|, the float's
- * exponent picks a binade; a binade holds at most one of the thresholds
- * (the midpoints) where the next decade starts, so one comparison gives the
- * region (zero or a decade). Inside a region the cell follows from an affine
- * function of |y|, floored with a small downward bias so that the result c
- * is the nearest code or the one below it, never above; one comparison with
- * the midpoint between c and c + 1 (a table lookup by permutes) settles it.
- * The signed map is handled on |y| (its negative half mirrors the positive
- * one); a negative y uses the float just below |y| so that exact midpoints
- * round as the reference's count of midpoints <= y does.
+ * (decade d holds a uniform grid of cells), then 1; each is a region here.
+ * From |y|, the float's exponent picks a binade; a binade holds at most one
+ * region start (the midpoint below the region's first code), so one
+ * comparison gives the region. Inside a region an affine function of |y|,
+ * t = |y| * inv + bias, puts the midpoints between codes within a small
+ * tolerance (NEAR) of the integers and code k on (k - 1, k + 1), so
+ * floor(t) is the nearest code unless t lies within NEAR of an integer. The
+ * vector encoder takes floor(t) when no lane is that close and otherwise
+ * runs the exact scalar encoder on the 16 values: floor(t - 0.5) is the
+ * nearest code or the one below it, and one comparison with the midpoint
+ * above it (a table) settles it. The signed map is handled on |y| (its
+ * negative half mirrors the positive one); a negative y uses the float just
+ * below |y| so that exact midpoints round as the reference's count of
+ * midpoints <= y does.
  */
 #include <math.h>
 #include <stdint.h>
@@ -31,24 +35,48 @@
 
 /* Layout of an encoder table (floats; the int32 entries are stored as bits),
  * built by q8_adamw.py for one map. Binade entries are keyed by the low five
- * bits of the exponent of |y| (exponents below 96, i.e. |y| < 2**-31, count
- * as 96: no threshold lies there; above 127 as 127), region entries by the region index
- * (0: the zero code, 1 + d: decade d). Codes here are those of the half map
+ * bits of the exponent of |y|, clamped to [96, 127] (no region starts below
+ * 2**-31), region entries by the region index (0: zero, 1 + d: decade d,
+ * then 1; the rest repeat the last). Codes here are those of the half map
  * (0 = zero, ..., the last = 1); the signed map adds or subtracts them from
  * its zero code. */
-#define ENC_THR 0      /* 32: the region threshold inside the binade, or inf */
-#define ENC_BASE 32    /* 32 int32: the region of the binade below its threshold */
-#define ENC_INV 64     /* 16: 1 / cell width */
-#define ENC_BIAS 80    /* 16: first code of the region - cell start / width - 0.1 */
-#define ENC_CMAX 96    /* 16: last code of the region, as a float */
-#define ENC_MID 112    /* 256: midpoint between half-map codes c and c + 1 (inf at the end) */
-#define ENC_SIZE 368
+#define ENC_THR 0      /* 32: the region start inside the binade, or NaN */
+#define ENC_BASE 32    /* 32 int32: the region of the binade below that start */
+#define ENC_INV 64     /* 16: 1 / cell width (tiny for the one-code regions) */
+#define ENC_BIAS 80    /* 16: first code of the region - region start / width */
+#define ENC_CMAX 96    /* 16 int32: last code of the region */
+#define ENC_NEAR 112   /* the tolerance NEAR */
+#define ENC_MID 128    /* 256: midpoint between half-map codes c and c + 1 (NaN past the end) */
+#define ENC_SIZE 384
 #define SIGNED_ZERO 127
 
 typedef struct {
     float decay, w, b1, b2, one_minus_b2, bc2_sqrt, eps, step_value, tiny;
 } hyper;
 
+
+/* The exact scalar encoder (see the comment at the top). */
+static inline uint8_t encode_one(float y, const float *restrict enc, int is_signed) {
+    uint32_t ab;
+    memcpy(&ab, &y, 4);
+    ab &= 0x7FFFFFFFu;
+    int neg = is_signed && y < 0.f;
+    ab -= (uint32_t)neg;
+    float a;
+    memcpy(&a, &ab, 4);
+    int32_t e = (int32_t)(ab >> 23);
+    e = (e < 96 ? 96 : (e > 127 ? 127 : e)) & 31;
+    int32_t reg, cmax;
+    memcpy(&reg, enc + ENC_BASE + e, 4);
+    reg += a >= enc[ENC_THR + e];
+    memcpy(&cmax, enc + ENC_CMAX + reg, 4);
+    float t = fmaf(a, enc[ENC_INV + reg], enc[ENC_BIAS + reg]) - 0.5f;
+    t = t < (float)cmax ? t : (float)cmax;    /* NaN: cmax */
+    int32_t c = t > 0.f ? (int32_t)t : 0;     /* floor for t >= 0 */
+    c += a >= enc[ENC_MID + c];
+    if (!is_signed) return (uint8_t)c;
+    return (uint8_t)(neg ? SIGNED_ZERO - (c < SIGNED_ZERO ? c : SIGNED_ZERO) : SIGNED_ZERO + c);
+}
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -109,21 +137,9 @@ static inline int64_t update_block_avx512(float *restrict pp, const float *restr
     return i;
 }
 
-/* The same for a 128-float table in 8 registers (indices in [0, 127]). */
-static inline __m512 lookup128(const __m512 *t, __m512i idx) {
-    __m512 r0 = _mm512_permutex2var_ps(t[0], idx, t[1]);
-    __m512 r1 = _mm512_permutex2var_ps(t[2], idx, t[3]);
-    __m512 r2 = _mm512_permutex2var_ps(t[4], idx, t[5]);
-    __m512 r3 = _mm512_permutex2var_ps(t[6], idx, t[7]);
-    __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
-    __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
-    __m512 s0 = _mm512_mask_blend_ps(b5, r0, r1), s1 = _mm512_mask_blend_ps(b5, r2, r3);
-    return _mm512_mask_blend_ps(b6, s0, s1);
-}
-
 typedef struct {
-    __m512 thr[2], inv, bias, cmax, mid[16];
-    __m512i base[2];
+    __m512 thr[2], inv, bias, near;
+    __m512i base[2], cmax;
 } enc_regs;
 
 static inline void load_encoder(enc_regs *r, const float *enc) {
@@ -133,46 +149,55 @@ static inline void load_encoder(enc_regs *r, const float *enc) {
     }
     r->inv = _mm512_loadu_ps(enc + ENC_INV);
     r->bias = _mm512_loadu_ps(enc + ENC_BIAS);
-    r->cmax = _mm512_loadu_ps(enc + ENC_CMAX);
-    load_table(r->mid, enc + ENC_MID);
+    r->cmax = _mm512_loadu_si512((const void *)(enc + ENC_CMAX));
+    r->near = _mm512_set1_ps(enc[ENC_NEAR]);
 }
 
-/* Nearest half-map codes of 16 values a >= 0 (see the comment at the top). */
-static inline __m512i half_codes(__m512 a, const enc_regs *r, int wide) {
+/* Nearest half-map codes of 16 values a >= 0; *close gets the lanes where
+ * floor(t) cannot be trusted (see the comment at the top). */
+static inline __m512i half_codes(__m512 a, const enc_regs *r, __mmask16 *close) {
     __m512i e = _mm512_srli_epi32(_mm512_castps_si512(a), 23);
     e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(96)), _mm512_set1_epi32(127));
     __m512i reg = _mm512_permutex2var_epi32(r->base[0], e, r->base[1]);
     __mmask16 above = _mm512_cmp_ps_mask(a, _mm512_permutex2var_ps(r->thr[0], e, r->thr[1]), _CMP_GE_OQ);
     reg = _mm512_mask_add_epi32(reg, above, reg, _mm512_set1_epi32(1));
     __m512 t = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(reg, r->inv), _mm512_permutexvar_ps(reg, r->bias));
-    t = _mm512_min_ps(t, _mm512_permutexvar_ps(reg, r->cmax));
-    __m512i c = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 mid = wide ? lookup256(r->mid, c) : lookup128(r->mid, c);
-    __mmask16 up = _mm512_cmp_ps_mask(a, mid, _CMP_GE_OQ);
-    return _mm512_mask_add_epi32(c, up, c, _mm512_set1_epi32(1));
+    __m512i lo = _mm512_cvt_roundps_epi32(_mm512_sub_ps(t, r->near), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512i hi = _mm512_cvt_roundps_epi32(_mm512_add_ps(t, r->near), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    *close = _mm512_cmpneq_epi32_mask(lo, hi);
+    /* unsigned min: NaN, or t too large for an int32 (|y| = inf), gives cmax */
+    return _mm512_min_epu32(lo, _mm512_permutexvar_epi32(reg, r->cmax));
 }
 
-/* Codes of x[i] / scale for the signed (m) or unsigned (v) map, 16 at a time;
- * returns how many elements it handled. */
+/* Codes of x[i] / scale for the signed (m) or unsigned (v) map, 16 at a time
+ * (a group with a lane close to a midpoint goes through encode_one); returns
+ * how many elements it handled. */
 static inline int64_t encode_block_avx512(const float *restrict x, float scale, uint8_t *restrict codes,
-                                          int64_t len, const enc_regs *r, int is_signed) {
-    const __m512 s = _mm512_set1_ps(1.0f / scale);
+                                          int64_t len, const enc_regs *r, const float *restrict enc,
+                                          int is_signed) {
+    const float inv = 1.0f / scale;
+    const __m512 s = _mm512_set1_ps(inv);
     const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), zero = _mm512_set1_epi32(SIGNED_ZERO);
     int64_t i = 0;
     for (; i + 16 <= len; i += 16) {
         __m512 y = _mm512_mul_ps(_mm512_loadu_ps(x + i), s);
         __m512i ab = _mm512_and_si512(_mm512_castps_si512(y), absmask);
         __m512i code;
+        __mmask16 close;
         if (is_signed) {
             /* y < 0: the float below |y|, so that |y| on a midpoint rounds toward zero */
             __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
             ab = _mm512_mask_sub_epi32(ab, neg, ab, _mm512_set1_epi32(1));
-            __m512i c = half_codes(_mm512_castsi512_ps(ab), r, 0);
+            __m512i c = half_codes(_mm512_castsi512_ps(ab), r, &close);
             code = _mm512_mask_sub_epi32(_mm512_add_epi32(c, zero), neg, zero, _mm512_min_epi32(c, zero));
         } else {
-            code = half_codes(_mm512_castsi512_ps(ab), r, 1);
+            code = half_codes(_mm512_castsi512_ps(ab), r, &close);
         }
-        _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(code));
+        if (__builtin_expect(close != 0, 0)) {
+            for (int k = 0; k < 16; ++k) codes[i + k] = encode_one(x[i + k] * inv, enc, is_signed);
+        } else {
+            _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(code));
+        }
     }
     return i;
 }
@@ -217,29 +242,6 @@ static inline void update_block(float *restrict pp, const float *restrict gg, co
     }
 }
 
-/* The scalar encoder: the same operations as encode_block_avx512. */
-static inline uint8_t encode_one(float y, const float *restrict enc, int is_signed) {
-    uint32_t ab;
-    memcpy(&ab, &y, 4);
-    ab &= 0x7FFFFFFFu;
-    int neg = is_signed && y < 0.f;
-    ab -= (uint32_t)neg;
-    float a;
-    memcpy(&a, &ab, 4);
-    int32_t e = (int32_t)(ab >> 23);
-    e = (e < 96 ? 96 : (e > 127 ? 127 : e)) & 31;
-    int32_t reg, c;
-    memcpy(&reg, enc + ENC_BASE + e, 4);
-    reg += a >= enc[ENC_THR + e];
-    float t = fmaf(a, enc[ENC_INV + reg], enc[ENC_BIAS + reg]);
-    float cmax = enc[ENC_CMAX + reg];
-    t = t < cmax ? t : cmax;                  /* the vector min: cmax when t is NaN */
-    c = (int32_t)floorf(t);
-    c += a >= enc[ENC_MID + c];
-    if (!is_signed) return (uint8_t)c;
-    return (uint8_t)(neg ? SIGNED_ZERO - (c < SIGNED_ZERO ? c : SIGNED_ZERO) : SIGNED_ZERO + c);
-}
-
 static inline void encode_block(const float *restrict x, float scale, uint8_t *restrict codes, int64_t from,
                                 int64_t len, const float *restrict enc, int is_signed) {
     const float inv = 1.0f / scale;
@@ -255,7 +257,7 @@ void q8_encode(const float *x, int64_t n, float scale, uint8_t *codes, const flo
     if (simd) {
         enc_regs r;
         load_encoder(&r, enc);
-        done = encode_block_avx512(x, scale, codes, n, &r, is_signed);
+        done = encode_block_avx512(x, scale, codes, n, &r, enc, is_signed);
     }
 #endif
     encode_block(x, scale, codes, done, n, enc, is_signed);
@@ -317,8 +319,8 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
         float ms = mmax > tiny ? mmax : tiny, vs = vmax > tiny ? vmax : tiny;
         int64_t me = 0, ve = 0;
 #ifdef HAVE_AVX512
-        me = encode_block_avx512(mb, ms, mc + start, len, &se, 1);
-        ve = encode_block_avx512(vb, vs, vc + start, len, &ue, 0);
+        me = encode_block_avx512(mb, ms, mc + start, len, &se, senc, 1);
+        ve = encode_block_avx512(vb, vs, vc + start, len, &ue, uenc, 0);
 #endif
         encode_block(mb, ms, mc + start, me, len, senc, 1);
         encode_block(vb, vs, vc + start, ve, len, uenc, 0);

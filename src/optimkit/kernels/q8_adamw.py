@@ -7,7 +7,8 @@ C and compiled once per machine with the system C compiler (OpenMP,
 auto-vectorized), does the whole step per block of 256 elements while the
 block is in cache: decode, update, absmax, nearest-code encode (the map's
 region from the float's exponent and one comparison, the cell from an affine
-function of the value, then one comparison with a midpoint). It reproduces the
+function of the value; a table of midpoints only where the value lies within
+a tolerance of one). It reproduces the
 reference path's float32 operations in the same order; tests check that
 parameters and decoded states agree.
 
@@ -102,26 +103,29 @@ def _compile() -> ctypes.CDLL | None:
 
 
 # Layout of an encoder table: see ENC_* in q8_adamw.c.
-_THR, _BASE, _INV, _BIAS, _CMAX, _MID, _SIZE = 0, 32, 64, 80, 96, 112, 368
-_BIAS_DOWN = 0.1  # the cell estimate is biased down by this much (in cells)
+_THR, _BASE, _INV, _BIAS, _CMAX, _NEAR, _MID, _SIZE = 0, 32, 64, 80, 96, 112, 128, 384
+_NEAR_TOL = 1e-4  # how far from an integer t must be for floor(t) to be trusted (in cells)
 
 
 def _encoder(signed: bool) -> tuple[Tensor, Tensor]:
     """(map values, encoder table) for the 8-bit dynamic map.
 
     The half map (zero, then the non-negative codes) splits into regions: the
-    zero code, then one per decade, each a uniform grid of cells. Region r
-    starts at the midpoint below its first code. In a region, code
-    ``floor(min(a * inv + bias, cmax))`` is the nearest one or the one below
-    (the map's values sit on the ideal grid far closer than the bias), so one
-    comparison with the midpoint above it finishes; every binade ``[2**e,
+    zero code, one per decade (a uniform grid of cells), and 1. Region r
+    starts at the midpoint below its first code, and every binade ``[2**e,
     2**(e+1))`` holds at most one region start, so one comparison finds the
-    region."""
+    region. In a decade, ``t = a * inv + bias`` is ``first + (a - start) /
+    width``: code ``first + j`` sits at ``t = first + j + 0.5`` and the
+    midpoints between codes at integers (the map's float32 values are within
+    about 1e-5 of that grid, checked here), so ``floor(t)`` (clamped to the
+    region) is the nearest code unless ``t`` is within ``_NEAR_TOL`` of an
+    integer. The one-code regions have ``t`` fixed at ``code + 0.25``."""
     values = maps.dynamic_map(signed, 8)
     half = [v for v in values if v >= 0.0]                      # 0, decades ..., 1
     mids = maps.midpoints(tuple(half))
     decades = 7
-    regions = [(0, 1, 0.0, 1.0)]                                # (first code, cells, start, width)
+    tiny = 2.0 ** -40                                           # a * tiny vanishes next to the bias
+    regions = [(0, 1, 0.0, 0.0)]                                # (first code, cells, start, width)
     first = 1
     for d in range(decades):
         cells = 2 ** d if signed else 2 ** (d + 1)
@@ -130,6 +134,7 @@ def _encoder(signed: bool) -> tuple[Tensor, Tensor]:
         first += cells
     if first != len(half) - 1:  # pragma: no cover - a property of the map
         raise AssertionError("unexpected map layout")
+    regions.append((first, 1, 0.0, 0.0))
     starts = [mids[f - 1] for f, *_ in regions[1:]]           # region r + 1 starts here
     table = torch.zeros(_SIZE, dtype=torch.float32)
     ints = table.view(torch.int32)
@@ -139,17 +144,24 @@ def _encoder(signed: bool) -> tuple[Tensor, Tensor]:
         if len(inside) > 1:  # pragma: no cover - a property of the map
             raise AssertionError("a binade holds two region starts")
         ints[_BASE + i] = sum(t < lo for t in starts)
-        table[_THR + i] = inside[0] if inside else float("inf")
-    for r in range(16):  # regions past the last (only |y| = inf gets there) repeat it
+        table[_THR + i] = inside[0] if inside else float("nan")
+    for r in range(16):  # regions past the last repeat it
         f, cells, start, width = regions[min(r, len(regions) - 1)]
-        if r == 0:
-            inv, bias = 0.0, 0.0
+        if width:
+            inv = torch.tensor(1.0 / width, dtype=torch.float32)
+            bias = torch.tensor(f - start * float(inv), dtype=torch.float32)
+            # where the kernel puts this region's inner midpoints: integers, within the tolerance
+            m = torch.tensor(mids[f:f + cells - 1], dtype=torch.float64)
+            t = (m * float(inv) + float(bias)).to(torch.float32).double()
+            off = (t - torch.arange(f + 1, f + cells, dtype=torch.float64)).abs()
+            if off.numel() and float(off.max()) > _NEAR_TOL / 4:  # pragma: no cover
+                raise AssertionError("map values too far from their grid")
         else:
-            inv = 1.0 / width
-            bias = f - start * inv - _BIAS_DOWN
-        table[_INV + r], table[_BIAS + r], table[_CMAX + r] = inv, bias, f + cells - 1
+            inv, bias = torch.tensor(tiny), torch.tensor(f + 0.25)
+        table[_INV + r], table[_BIAS + r], ints[_CMAX + r] = inv, bias, f + cells - 1
+    table[_NEAR] = _NEAR_TOL
     table[_MID:_MID + len(mids)] = torch.tensor(mids, dtype=torch.float32)
-    table[_MID + len(mids):] = float("inf")
+    table[_MID + len(mids):] = float("nan")
     return torch.tensor(values, dtype=torch.float32), table
 
 
