@@ -7,9 +7,14 @@
  * re-quantize: block absmax, then the nearest map code. Divisions by a
  * per-block or per-step constant are multiplications by its reciprocal here
  * (the reference divides): that moves a result by at most an ulp, which can
- * only change a code when a value sits on a rounding tie. The three loops are
- * kept apart so that each is a plain loop the compiler vectorizes (gathers
- * for the table lookups).
+ * only change a code when a value sits on a rounding tie. The three loops
+ * (update, absmax, encode) are kept apart; with AVX-512 the update and the
+ * encode are written with intrinsics, the rest is a plain vectorized loop.
+ *
+ * Decode: with AVX-512 VBMI, 64 codes at a time: the map's four byte planes
+ * are held in registers and looked up with byte permutes (128 entries each),
+ * then unpacks assemble the floats; otherwise 16 at a time with float
+ * permutes (lookup256).
  *
  * Nearest code: the dynamic map is a zero, then one decade after another
  * (decade d holds a uniform grid of cells), then 1; each is a region here.
@@ -106,33 +111,106 @@ static inline void load_table(__m512 *t, const float *values) {
     for (int k = 0; k < 16; ++k) t[k] = _mm512_loadu_ps(values + 16 * k);
 }
 
-/* The update loop of update_block, 16 elements at a time; returns how many
- * elements it handled (the rest go through the scalar loop). */
+/* One AdamW element update on 16 lanes, from decoded moments m and v. */
+static inline void update16(float *restrict pp, const float *restrict gg, __m512 m, __m512 v, const hyper *h,
+                            int low_weight, float *restrict mb, float *restrict vb) {
+    const __m512 inv_bc = _mm512_set1_ps(1.0f / h->bc2_sqrt);
+    __m512 g = _mm512_loadu_ps(gg);
+    __m512 d = _mm512_sub_ps(g, m);
+    m = low_weight ? _mm512_fmadd_ps(_mm512_set1_ps(h->w), d, m) : _mm512_fmadd_ps(_mm512_set1_ps(-h->b1), d, g);
+    v = _mm512_mul_ps(v, _mm512_set1_ps(h->b2));
+    v = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(h->one_minus_b2), g), g, v);
+    __m512 den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), inv_bc), _mm512_set1_ps(h->eps));
+    __m512 q = _mm512_mul_ps(_mm512_loadu_ps(pp), _mm512_set1_ps(h->decay));
+    _mm512_storeu_ps(pp, _mm512_add_ps(q, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(h->step_value), m), den)));
+    _mm512_store_ps(mb, m);
+    _mm512_store_ps(vb, v);
+}
+
+#if defined(__AVX512VBMI__)
+#define HAVE_VBMI 1
+/* A 256-float table as four byte planes (byte p of every entry), each in four
+ * registers: t[4 * p + q] holds the entries 64 q .. 64 q + 63. */
+static inline void load_planes(__m512i *t, const float *values) {
+    uint8_t bytes[4][256] __attribute__((aligned(64)));
+    for (int k = 0; k < 256; ++k) {
+        uint32_t bits;
+        memcpy(&bits, values + k, 4);
+        for (int p = 0; p < 4; ++p) bytes[p][k] = (uint8_t)(bits >> (8 * p));
+    }
+    for (int p = 0; p < 4; ++p)
+        for (int q = 0; q < 4; ++q) t[4 * p + q] = _mm512_load_si512((const void *)(bytes[p] + 64 * q));
+}
+
+/* The byte order in which decode64's unpacks leave the elements in place:
+ * position 16 L + 4 q + j takes element 16 q + 4 L + j. */
+static inline __m512i decode64_order(void) {
+    uint8_t idx[64] __attribute__((aligned(64)));
+    for (int pos = 0; pos < 64; ++pos) idx[pos] = (uint8_t)(16 * ((pos >> 2) & 3) + 4 * (pos >> 4) + (pos & 3));
+    return _mm512_load_si512((const void *)idx);
+}
+
+/* table[codes[k]] for 64 codes: per byte plane, two 128-entry byte permutes
+ * and a blend on the code's top bit, then byte and word unpacks assemble the
+ * floats; out[q] holds elements 16 q .. 16 q + 15. */
+static inline void decode64(const uint8_t *codes, const __m512i *t, __m512i order, __m512 *out) {
+    __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512((const void *)codes));
+    __mmask64 top = _mm512_movepi8_mask(c);
+    __m512i b[4];
+    for (int p = 0; p < 4; ++p)
+        b[p] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(t[4 * p], c, t[4 * p + 1]),
+                                      _mm512_permutex2var_epi8(t[4 * p + 2], c, t[4 * p + 3]));
+    __m512i l01 = _mm512_unpacklo_epi8(b[0], b[1]), h01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    __m512i l23 = _mm512_unpacklo_epi8(b[2], b[3]), h23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(l01, l23));
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(l01, l23));
+    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(h01, h23));
+    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(h01, h23));
+}
+#endif
+
+typedef struct {
+    __m512 st[16], ut[16];        /* the maps, for lookup256 */
+#ifdef HAVE_VBMI
+    __m512i sp[16], up[16];       /* the maps as byte planes, for decode64 */
+    __m512i order;
+#endif
+} dec_tables;
+
+static inline void load_decoder(dec_tables *d, const float *smap, const float *umap) {
+    load_table(d->st, smap);
+    load_table(d->ut, umap);
+#ifdef HAVE_VBMI
+    load_planes(d->sp, smap);
+    load_planes(d->up, umap);
+    d->order = decode64_order();
+#endif
+}
+
+/* The update loop of update_block, 64 (or 16) elements at a time; returns how
+ * many elements it handled (the rest go through the scalar loop). */
 static inline int64_t update_block_avx512(float *restrict pp, const float *restrict gg,
                                           const uint8_t *restrict mcc, const uint8_t *restrict vcc,
-                                          float ma, float va, int64_t len, const __m512 *st,
-                                          const __m512 *ut, const hyper *h, int low_weight,
-                                          float *restrict mb, float *restrict vb) {
-    const __m512 w = _mm512_set1_ps(h->w), nb1 = _mm512_set1_ps(-h->b1), b2 = _mm512_set1_ps(h->b2);
-    const __m512 omb2 = _mm512_set1_ps(h->one_minus_b2), inv_bc = _mm512_set1_ps(1.0f / h->bc2_sqrt);
-    const __m512 eps = _mm512_set1_ps(h->eps), decay = _mm512_set1_ps(h->decay);
-    const __m512 sv = _mm512_set1_ps(h->step_value), mav = _mm512_set1_ps(ma), vav = _mm512_set1_ps(va);
+                                          float ma, float va, int64_t len, const dec_tables *dt,
+                                          const hyper *h, int low_weight, float *restrict mb,
+                                          float *restrict vb) {
+    const __m512 mav = _mm512_set1_ps(ma), vav = _mm512_set1_ps(va);
     int64_t i = 0;
+#ifdef HAVE_VBMI
+    for (; i + 64 <= len; i += 64) {
+        __m512 m[4], v[4];
+        decode64(mcc + i, dt->sp, dt->order, m);
+        decode64(vcc + i, dt->up, dt->order, v);
+        for (int q = 0; q < 4; ++q)
+            update16(pp + i + 16 * q, gg + i + 16 * q, _mm512_mul_ps(m[q], mav), _mm512_mul_ps(v[q], vav), h,
+                     low_weight, mb + i + 16 * q, vb + i + 16 * q);
+    }
+#endif
     for (; i + 16 <= len; i += 16) {
         __m512i mi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mcc + i)));
         __m512i vi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vcc + i)));
-        __m512 m = _mm512_mul_ps(lookup256(st, mi), mav);
-        __m512 v = _mm512_mul_ps(lookup256(ut, vi), vav);
-        __m512 g = _mm512_loadu_ps(gg + i);
-        __m512 d = _mm512_sub_ps(g, m);
-        m = low_weight ? _mm512_fmadd_ps(w, d, m) : _mm512_fmadd_ps(nb1, d, g);
-        v = _mm512_mul_ps(v, b2);
-        v = _mm512_fmadd_ps(_mm512_mul_ps(omb2, g), g, v);
-        __m512 den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), inv_bc), eps);
-        __m512 q = _mm512_mul_ps(_mm512_loadu_ps(pp + i), decay);
-        _mm512_storeu_ps(pp + i, _mm512_add_ps(q, _mm512_div_ps(_mm512_mul_ps(sv, m), den)));
-        _mm512_store_ps(mb + i, m);
-        _mm512_store_ps(vb + i, v);
+        update16(pp + i, gg + i, _mm512_mul_ps(lookup256(dt->st, mi), mav), _mm512_mul_ps(lookup256(dt->ut, vi), vav),
+                 h, low_weight, mb + i, vb + i);
     }
     return i;
 }
@@ -277,10 +355,9 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
 #pragma omp parallel
     {
 #ifdef HAVE_AVX512
-    __m512 st[16], ut[16];
+    dec_tables dt;
     enc_regs se, ue;
-    load_table(st, smap);
-    load_table(ut, umap);
+    load_decoder(&dt, smap, umap);
     load_encoder(&se, senc);
     load_encoder(&ue, uenc);
 #endif
@@ -302,8 +379,8 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
         int64_t len = n - start < BLOCK ? n - start : BLOCK;
         int64_t done = 0;
 #ifdef HAVE_AVX512
-        done = update_block_avx512(p + start, g + start, mc + start, vc + start, mabs[b], vabs[b], len, st, ut,
-                                   &h, low_weight, mb, vb);
+        done = update_block_avx512(p + start, g + start, mc + start, vc + start, mabs[b], vabs[b], len, &dt, &h,
+                                   low_weight, mb, vb);
 #endif
         update_block(p + start, g + start, mc + start, vc + start, mabs[b], vabs[b], done, len, smap, umap, &h,
                      low_weight, mb, vb);
