@@ -24,10 +24,11 @@
  * t = |y| * inv + bias, puts the midpoints between codes within a small
  * tolerance (NEAR) of the integers and code k on (k - 1, k + 1), so
  * floor(t) is the nearest code unless t lies within NEAR of an integer. The
- * vector encoder takes floor(t) when no lane is that close and otherwise
- * runs the exact scalar encoder on the 16 values: floor(t - 0.5) is the
- * nearest code or the one below it, and one comparison with the midpoint
- * above it (a table) settles it. The signed map is handled on |y| (its
+ * vector encoder (AVX-512 F/BW/DQ) takes floor(t) for the lanes not that
+ * close and redoes the others (rare) with the exact scalar encoder:
+ * floor(t - 0.5) is the nearest code or the one below it, and one comparison
+ * with the midpoint above it (a table) settles it. The scalar encoder is also
+ * the portable path. The signed map is handled on |y| (its
  * negative half mirrors the positive one); a negative y uses the float just
  * below |y| so that exact midpoints round as the reference's count of
  * midpoints <= y does.
@@ -51,8 +52,10 @@
 #define ENC_BIAS 80    /* 16: first code of the region - region start / width */
 #define ENC_CMAX 96    /* 16 int32: last code of the region */
 #define ENC_NEAR 112   /* the tolerance NEAR */
-#define ENC_MID 128    /* 256: midpoint between half-map codes c and c + 1 (NaN past the end) */
-#define ENC_SIZE 384
+#define ENC_VBIAS 128  /* 32: the vector encoder's bias, for y >= 0 then (signed map) y < 0 */
+#define ENC_VCLAMP 160 /* 32 int32: its bound on the code, likewise */
+#define ENC_MID 192    /* 256: midpoint between half-map codes c and c + 1 (NaN past the end) */
+#define ENC_SIZE 448
 #define SIGNED_ZERO 127
 
 typedef struct {
@@ -83,7 +86,7 @@ static inline uint8_t encode_one(float y, const float *restrict enc, int is_sign
     return (uint8_t)(neg ? SIGNED_ZERO - (c < SIGNED_ZERO ? c : SIGNED_ZERO) : SIGNED_ZERO + c);
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define HAVE_AVX512 1
 
@@ -216,65 +219,81 @@ static inline int64_t update_block_avx512(float *restrict pp, const float *restr
 }
 
 typedef struct {
-    __m512 thr[2], inv, bias, near;
-    __m512i base[2], cmax;
+    __m512 thr[2], inv, bias[2], near;
+    __m512i base[2], clamp[2];
 } enc_regs;
 
 static inline void load_encoder(enc_regs *r, const float *enc) {
     for (int k = 0; k < 2; ++k) {
         r->thr[k] = _mm512_loadu_ps(enc + ENC_THR + 16 * k);
         r->base[k] = _mm512_loadu_si512((const void *)(enc + ENC_BASE + 16 * k));
+        r->bias[k] = _mm512_loadu_ps(enc + ENC_VBIAS + 16 * k);
+        r->clamp[k] = _mm512_loadu_si512((const void *)(enc + ENC_VCLAMP + 16 * k));
     }
     r->inv = _mm512_loadu_ps(enc + ENC_INV);
-    r->bias = _mm512_loadu_ps(enc + ENC_BIAS);
-    r->cmax = _mm512_loadu_si512((const void *)(enc + ENC_CMAX));
     r->near = _mm512_set1_ps(enc[ENC_NEAR]);
 }
 
-/* Nearest half-map codes of 16 values a >= 0; *close gets the lanes where
- * floor(t) cannot be trusted (see the comment at the top). */
-static inline __m512i half_codes(__m512 a, const enc_regs *r, __mmask16 *close) {
-    __m512i e = _mm512_srli_epi32(_mm512_castps_si512(a), 23);
+/* Codes of 16 values y (already divided by the block scale); *close gets the
+ * lanes that need the exact encoder. The vector encoder works on the codes
+ * of the full map: t' = y * inv + bias' is 127 + t for y >= 0 and 128 - t
+ * for y < 0 (signed map; t as in the comment at the top, taken on |y|), so
+ * floor(t') is the code wherever t is not close to an integer, bounded above
+ * (y >= 0) or below (y < 0) by the region's last code. */
+static inline __m512i codes16(__m512 y, const enc_regs *r, int is_signed, __mmask16 *close) {
+    __m512i ab = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(0x7FFFFFFF));
+    __mmask16 neg = 0;
+    if (is_signed) {
+        /* y < 0: the float below |y| picks the region, so that |y| on a region
+         * start goes toward zero as in the reference */
+        neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
+        ab = _mm512_mask_sub_epi32(ab, neg, ab, _mm512_set1_epi32(1));
+    }
+    __m512i e = _mm512_srli_epi32(ab, 23);
     e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(96)), _mm512_set1_epi32(127));
     __m512i reg = _mm512_permutex2var_epi32(r->base[0], e, r->base[1]);
-    __mmask16 above = _mm512_cmp_ps_mask(a, _mm512_permutex2var_ps(r->thr[0], e, r->thr[1]), _CMP_GE_OQ);
+    __mmask16 above = _mm512_cmp_ps_mask(_mm512_castsi512_ps(ab), _mm512_permutex2var_ps(r->thr[0], e, r->thr[1]),
+                                         _CMP_GE_OQ);
     reg = _mm512_mask_add_epi32(reg, above, reg, _mm512_set1_epi32(1));
-    __m512 t = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(reg, r->inv), _mm512_permutexvar_ps(reg, r->bias));
-    __m512i lo = _mm512_cvt_roundps_epi32(_mm512_sub_ps(t, r->near), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512i hi = _mm512_cvt_roundps_epi32(_mm512_add_ps(t, r->near), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    *close = _mm512_cmpneq_epi32_mask(lo, hi);
-    /* unsigned min: NaN, or t too large for an int32 (|y| = inf), gives cmax */
-    return _mm512_min_epu32(lo, _mm512_permutexvar_epi32(reg, r->cmax));
+    if (is_signed) reg = _mm512_mask_or_epi32(reg, neg, reg, _mm512_set1_epi32(16));
+    __m512 t = _mm512_fmadd_ps(y, _mm512_permutexvar_ps(reg, r->inv),
+                               _mm512_permutex2var_ps(r->bias[0], reg, r->bias[1]));
+    t = _mm512_add_ps(t, r->near);
+    /* close: t within NEAR of an integer (t - floor(t) < 2 NEAR after the shift) */
+    *close = _mm512_cmp_ps_mask(_mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                                _mm512_add_ps(r->near, r->near), _CMP_LT_OQ);
+    __m512i c = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512i bound = _mm512_permutex2var_epi32(r->clamp[0], reg, r->clamp[1]);
+    /* unsigned min: NaN, or t too large for an int32, gives the bound */
+    c = _mm512_mask_min_epu32(c, (__mmask16)~neg, c, bound);
+    if (is_signed) c = _mm512_mask_max_epi32(c, neg, c, bound);
+    return c;
 }
 
-/* Codes of x[i] / scale for the signed (m) or unsigned (v) map, 16 at a time
- * (a group with a lane close to a midpoint goes through encode_one); returns
- * how many elements it handled. */
+/* Codes of x[i] / scale for the signed (m) or unsigned (v) map, 64 at a time
+ * (lanes close to a midpoint are redone by encode_one); returns how many
+ * elements it handled. */
 static inline int64_t encode_block_avx512(const float *restrict x, float scale, uint8_t *restrict codes,
                                           int64_t len, const enc_regs *r, const float *restrict enc,
                                           int is_signed) {
     const float inv = 1.0f / scale;
     const __m512 s = _mm512_set1_ps(inv);
-    const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), zero = _mm512_set1_epi32(SIGNED_ZERO);
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     int64_t i = 0;
-    for (; i + 16 <= len; i += 16) {
-        __m512 y = _mm512_mul_ps(_mm512_loadu_ps(x + i), s);
-        __m512i ab = _mm512_and_si512(_mm512_castps_si512(y), absmask);
-        __m512i code;
-        __mmask16 close;
-        if (is_signed) {
-            /* y < 0: the float below |y|, so that |y| on a midpoint rounds toward zero */
-            __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
-            ab = _mm512_mask_sub_epi32(ab, neg, ab, _mm512_set1_epi32(1));
-            __m512i c = half_codes(_mm512_castsi512_ps(ab), r, &close);
-            code = _mm512_mask_sub_epi32(_mm512_add_epi32(c, zero), neg, zero, _mm512_min_epi32(c, zero));
-        } else {
-            code = half_codes(_mm512_castsi512_ps(ab), r, &close);
-        }
-        if (__builtin_expect(close != 0, 0)) {
-            for (int k = 0; k < 16; ++k) codes[i + k] = encode_one(x[i + k] * inv, enc, is_signed);
-        } else {
-            _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(code));
+    for (; i + 64 <= len; i += 64) {
+        __m512i c[4];
+        __mmask16 close[4];
+        for (int q = 0; q < 4; ++q)
+            c[q] = codes16(_mm512_mul_ps(_mm512_loadu_ps(x + i + 16 * q), s), r, is_signed, close + q);
+        /* codes are in [0, 255]: two saturating packs, then the 128-bit lanes' order */
+        __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
+        _mm512_storeu_si512((void *)(codes + i), _mm512_permutexvar_epi32(order, packed));
+        if (__builtin_expect((close[0] | close[1] | close[2] | close[3]) != 0, 0)) {
+            for (int q = 0; q < 4; ++q)
+                for (unsigned m = close[q]; m; m &= m - 1) {
+                    int64_t k = i + 16 * q + __builtin_ctz(m);
+                    codes[k] = encode_one(x[k] * inv, enc, is_signed);
+                }
         }
     }
     return i;

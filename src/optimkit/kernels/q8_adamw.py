@@ -103,7 +103,7 @@ def _compile() -> ctypes.CDLL | None:
 
 
 # Layout of an encoder table: see ENC_* in q8_adamw.c.
-_THR, _BASE, _INV, _BIAS, _CMAX, _NEAR, _MID, _SIZE = 0, 32, 64, 80, 96, 112, 128, 384
+_THR, _BASE, _INV, _BIAS, _CMAX, _NEAR, _VBIAS, _VCLAMP, _MID, _SIZE = 0, 32, 64, 80, 96, 112, 128, 160, 192, 448
 _NEAR_TOL = 1e-4  # how far from an integer t must be for floor(t) to be trusted (in cells)
 
 
@@ -119,7 +119,12 @@ def _encoder(signed: bool) -> tuple[Tensor, Tensor]:
     midpoints between codes at integers (the map's float32 values are within
     about 1e-5 of that grid, checked here), so ``floor(t)`` (clamped to the
     region) is the nearest code unless ``t`` is within ``_NEAR_TOL`` of an
-    integer. The one-code regions have ``t`` fixed at ``code + 0.25``."""
+    integer. The one-code regions have ``t`` fixed at ``code + 0.25``.
+
+    The vector encoder computes ``y * inv + vbias`` on the signed ``y``:
+    ``127 + t`` for ``y >= 0`` and ``128 - t`` for ``y < 0`` with the signed
+    map (codes of the full map, checked here the same way), bounded by
+    ``vclamp``."""
     values = maps.dynamic_map(signed, 8)
     half = [v for v in values if v >= 0.0]                      # 0, decades ..., 1
     mids = maps.midpoints(tuple(half))
@@ -150,15 +155,24 @@ def _encoder(signed: bool) -> tuple[Tensor, Tensor]:
         if width:
             inv = torch.tensor(1.0 / width, dtype=torch.float32)
             bias = torch.tensor(f - start * float(inv), dtype=torch.float32)
-            # where the kernel puts this region's inner midpoints: integers, within the tolerance
-            m = torch.tensor(mids[f:f + cells - 1], dtype=torch.float64)
-            t = (m * float(inv) + float(bias)).to(torch.float32).double()
-            off = (t - torch.arange(f + 1, f + cells, dtype=torch.float64)).abs()
-            if off.numel() and float(off.max()) > _NEAR_TOL / 4:  # pragma: no cover
-                raise AssertionError("map values too far from their grid")
         else:
             inv, bias = torch.tensor(tiny), torch.tensor(f + 0.25)
-        table[_INV + r], table[_BIAS + r], ints[_CMAX + r] = inv, bias, f + cells - 1
+        cmax = f + cells - 1
+        table[_INV + r], table[_BIAS + r], ints[_CMAX + r] = inv, bias, cmax
+        zero = 127 if signed else 0
+        vbias = [(1.0, float(bias) + zero, zero + cmax)]                 # (sign of y, bias, bound)
+        if signed:
+            vbias.append((-1.0, 128.0 - float(bias), zero - min(cmax, zero)))
+        for half_index, (sign, vb, bound) in enumerate(vbias):
+            vb = torch.tensor(vb, dtype=torch.float32)
+            table[_VBIAS + 16 * half_index + r], ints[_VCLAMP + 16 * half_index + r] = vb, bound
+            if width:  # where the kernels put this region's inner midpoints: integers, within the tolerance
+                m = torch.tensor(mids[f:f + cells - 1], dtype=torch.float64)
+                k = torch.arange(f + 1, f + cells)
+                for sg, b, at in ((1.0, bias, k), (sign, vb, zero + sign * k + (sign < 0))):
+                    t = (sg * m * float(inv) + float(b)).to(torch.float32).double()
+                    if t.numel() and float((t - at).abs().max()) > _NEAR_TOL / 4:  # pragma: no cover
+                        raise AssertionError("map values too far from their grid")
     table[_NEAR] = _NEAR_TOL
     table[_MID:_MID + len(mids)] = torch.tensor(mids, dtype=torch.float32)
     table[_MID + len(mids):] = float("nan")
