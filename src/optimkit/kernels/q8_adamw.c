@@ -116,7 +116,7 @@ static inline void load_table(__m512 *t, const float *values) {
 
 /* One AdamW element update on 16 lanes, from decoded moments m and v. */
 static inline void update16(float *restrict pp, const float *restrict gg, __m512 m, __m512 v, const hyper *h,
-                            int low_weight, float *restrict mb, float *restrict vb) {
+                            int low_weight, float *restrict mb, float *restrict vb, __m512 *mmax, __m512 *vmax) {
     const __m512 inv_bc = _mm512_set1_ps(1.0f / h->bc2_sqrt);
     __m512 g = _mm512_loadu_ps(gg);
     __m512 d = _mm512_sub_ps(g, m);
@@ -128,6 +128,9 @@ static inline void update16(float *restrict pp, const float *restrict gg, __m512
     _mm512_storeu_ps(pp, _mm512_add_ps(q, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(h->step_value), m), den)));
     _mm512_store_ps(mb, m);
     _mm512_store_ps(vb, v);
+    /* max(|x|, running max): the running max when x is NaN, as the scalar loop */
+    *mmax = _mm512_max_ps(_mm512_abs_ps(m), *mmax);
+    *vmax = _mm512_max_ps(_mm512_abs_ps(v), *vmax);
 }
 
 #if defined(__AVX512VBMI__)
@@ -196,8 +199,9 @@ static inline int64_t update_block_avx512(float *restrict pp, const float *restr
                                           const uint8_t *restrict mcc, const uint8_t *restrict vcc,
                                           float ma, float va, int64_t len, const dec_tables *dt,
                                           const hyper *h, int low_weight, float *restrict mb,
-                                          float *restrict vb) {
+                                          float *restrict vb, float *mmax, float *vmax) {
     const __m512 mav = _mm512_set1_ps(ma), vav = _mm512_set1_ps(va);
+    __m512 mx = _mm512_setzero_ps(), vx = _mm512_setzero_ps();
     int64_t i = 0;
 #ifdef HAVE_VBMI
     for (; i + 64 <= len; i += 64) {
@@ -206,15 +210,17 @@ static inline int64_t update_block_avx512(float *restrict pp, const float *restr
         decode64(vcc + i, dt->up, dt->order, v);
         for (int q = 0; q < 4; ++q)
             update16(pp + i + 16 * q, gg + i + 16 * q, _mm512_mul_ps(m[q], mav), _mm512_mul_ps(v[q], vav), h,
-                     low_weight, mb + i + 16 * q, vb + i + 16 * q);
+                     low_weight, mb + i + 16 * q, vb + i + 16 * q, &mx, &vx);
     }
 #endif
     for (; i + 16 <= len; i += 16) {
         __m512i mi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mcc + i)));
         __m512i vi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vcc + i)));
         update16(pp + i, gg + i, _mm512_mul_ps(lookup256(dt->st, mi), mav), _mm512_mul_ps(lookup256(dt->ut, vi), vav),
-                 h, low_weight, mb + i, vb + i);
+                 h, low_weight, mb + i, vb + i, &mx, &vx);
     }
+    *mmax = _mm512_reduce_max_ps(mx);
+    *vmax = _mm512_reduce_max_ps(vx);
     return i;
 }
 
@@ -397,15 +403,15 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
         int64_t start = b * BLOCK;
         int64_t len = n - start < BLOCK ? n - start : BLOCK;
         int64_t done = 0;
+        float mmax = 0.f, vmax = 0.f;
 #ifdef HAVE_AVX512
         done = update_block_avx512(p + start, g + start, mc + start, vc + start, mabs[b], vabs[b], len, &dt, &h,
-                                   low_weight, mb, vb);
+                                   low_weight, mb, vb, &mmax, &vmax);
 #endif
         update_block(p + start, g + start, mc + start, vc + start, mabs[b], vabs[b], done, len, smap, umap, &h,
                      low_weight, mb, vb);
-        float mmax = 0.f, vmax = 0.f;
 #pragma omp simd reduction(max : mmax, vmax)
-        for (int64_t i = 0; i < len; ++i) {
+        for (int64_t i = done; i < len; ++i) {
             float a = fabsf(mb[i]), c = fabsf(vb[i]);
             mmax = a > mmax ? a : mmax;   /* not fmaxf: a libm call per element */
             vmax = c > vmax ? c : vmax;
