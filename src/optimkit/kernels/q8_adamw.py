@@ -18,9 +18,11 @@ the facade takes the reference path. ``OPTIMKIT_NO_FAST_PATH=1`` (or
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -227,8 +229,8 @@ def step(params: list[Tensor], grads: list[Tensor], ms: list[dict], vs: list[dic
 
         _TINY = float(getattr(codecs, "_TINY", torch.finfo(torch.float32).tiny))
     (smap, senc), (umap, uenc) = _tables()
-    arrays, sizes, offsets = _pack(params, [params, grads, [m["codes"] for m in ms], [m["absmax"] for m in ms],
-                                            [v["codes"] for v in vs], [v["absmax"] for v in vs]])
+    arrays, sizes, offsets, _keep = _pack(params, [params, grads, [m["codes"] for m in ms], [m["absmax"] for m in ms],
+                                                   [v["codes"] for v in vs], [v["absmax"] for v in vs]])
     _lib.adamw_q8_step(len(params), *arrays, sizes, offsets, *_hyper(lr, beta1, beta2, eps, weight_decay, bc1,
                                                                       bc2_sqrt),
                        smap.data_ptr(), umap.data_ptr(), senc.data_ptr(), uenc.data_ptr(), _TINY)
@@ -237,27 +239,21 @@ def step(params: list[Tensor], grads: list[Tensor], ms: list[dict], vs: list[dic
 def step_fp32(params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, lr: float,
               beta1: float, beta2: float, eps: float, weight_decay: float, bc1: float, bc2_sqrt: float) -> None:
     """The same fused AdamW step with float32 moments, all tensors in one call."""
-    arrays, sizes, offsets = _pack(params, [params, grads, ms, vs])
+    arrays, sizes, offsets, _keep = _pack(params, [params, grads, ms, vs])
     _lib.adamw_f32_step(len(params), *arrays, sizes, offsets,
                         *_hyper(lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt))
 
 
 def _pack(params: list[Tensor], lists: list[list[Tensor]]):
     """C arrays for the kernels: one array of data pointers per tensor list,
-    the element counts, and each tensor's first block in the global block range."""
-    k = len(params)
-    arrays = []
-    for tensors in lists:
-        arr = (ctypes.c_void_p * k)(*[t.data_ptr() for t in tensors])
-        arrays.append(arr)
-    sizes = (ctypes.c_int64 * k)(*[p.numel() for p in params])
-    offsets = (ctypes.c_int64 * (k + 1))()
-    total = 0
-    for i, n in enumerate(sizes):
-        offsets[i] = total
-        total += -(-n // 256)
-    offsets[k] = total
-    return arrays, sizes, offsets
+    the element counts, and each tensor's first block in the global block range
+    (as addresses, with the arrays that hold them, which the caller keeps alive
+    for the call)."""
+    arrays = [array.array("Q", [t.data_ptr() for t in tensors]) for tensors in lists]
+    sizes = array.array("q", [p.numel() for p in params])
+    offsets = array.array("q", itertools.accumulate((-(-n // 256) for n in sizes), initial=0))
+    keep = (arrays, sizes, offsets)
+    return [a.buffer_info()[0] for a in arrays], sizes.buffer_info()[0], offsets.buffer_info()[0], keep
 
 
 def _hyper(lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt) -> tuple:
