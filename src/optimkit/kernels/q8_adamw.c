@@ -52,7 +52,7 @@
 #define ENC_BIAS 80    /* 16: first code of the region - region start / width */
 #define ENC_CMAX 96    /* 16 int32: last code of the region */
 #define ENC_NEAR 112   /* the tolerance NEAR */
-#define ENC_VBIAS 128  /* 32: the vector encoder's bias, for y >= 0 then (signed map) y < 0 */
+#define ENC_VBIAS 128  /* 32: the vector encoder's bias (+ NEAR), for y >= 0 then (signed map) y < 0 */
 #define ENC_VCLAMP 160 /* 32 int32: its bound on the code, likewise */
 #define ENC_MID 192    /* 256: midpoint between half-map codes c and c + 1 (NaN past the end) */
 #define ENC_SIZE 448
@@ -225,7 +225,7 @@ static inline int64_t update_block_avx512(float *restrict pp, const float *restr
 }
 
 typedef struct {
-    __m512 thr[2], inv, bias[2], near;
+    __m512 thr[2], inv, bias[2], near;  /* near: 2 NEAR */
     __m512i base[2], clamp[2];
 } enc_regs;
 
@@ -237,7 +237,7 @@ static inline void load_encoder(enc_regs *r, const float *enc) {
         r->clamp[k] = _mm512_loadu_si512((const void *)(enc + ENC_VCLAMP + 16 * k));
     }
     r->inv = _mm512_loadu_ps(enc + ENC_INV);
-    r->near = _mm512_set1_ps(enc[ENC_NEAR]);
+    r->near = _mm512_set1_ps(2.0f * enc[ENC_NEAR]);
 }
 
 /* Codes of 16 values y (already divided by the block scale); *close gets the
@@ -262,12 +262,11 @@ static inline __m512i codes16(__m512 y, const enc_regs *r, int is_signed, __mmas
                                          _CMP_GE_OQ);
     reg = _mm512_mask_add_epi32(reg, above, reg, _mm512_set1_epi32(1));
     if (is_signed) reg = _mm512_mask_or_epi32(reg, neg, reg, _mm512_set1_epi32(16));
+    /* the bias includes + NEAR: close (t' within NEAR of an integer) is t - floor(t) < 2 NEAR */
     __m512 t = _mm512_fmadd_ps(y, _mm512_permutexvar_ps(reg, r->inv),
                                _mm512_permutex2var_ps(r->bias[0], reg, r->bias[1]));
-    t = _mm512_add_ps(t, r->near);
-    /* close: t within NEAR of an integer (t - floor(t) < 2 NEAR after the shift) */
     *close = _mm512_cmp_ps_mask(_mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
-                                _mm512_add_ps(r->near, r->near), _CMP_LT_OQ);
+                                r->near, _CMP_LT_OQ);
     __m512i c = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512i bound = _mm512_permutex2var_epi32(r->clamp[0], reg, r->clamp[1]);
     /* unsigned min: NaN, or t too large for an int32, gives the bound */

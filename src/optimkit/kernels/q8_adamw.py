@@ -125,8 +125,8 @@ def _encoder(signed: bool) -> tuple[Tensor, Tensor]:
 
     The vector encoder computes ``y * inv + vbias`` on the signed ``y``:
     ``127 + t`` for ``y >= 0`` and ``128 - t`` for ``y < 0`` with the signed
-    map (codes of the full map, checked here the same way), bounded by
-    ``vclamp``."""
+    map (codes of the full map, checked here the same way), plus
+    ``_NEAR_TOL``, bounded by ``vclamp``."""
     values = maps.dynamic_map(signed, 8)
     half = [v for v in values if v >= 0.0]                      # 0, decades ..., 1
     mids = maps.midpoints(tuple(half))
@@ -162,16 +162,17 @@ def _encoder(signed: bool) -> tuple[Tensor, Tensor]:
         cmax = f + cells - 1
         table[_INV + r], table[_BIAS + r], ints[_CMAX + r] = inv, bias, cmax
         zero = 127 if signed else 0
-        vbias = [(1.0, float(bias) + zero, zero + cmax)]                 # (sign of y, bias, bound)
+        # (sign of y, bias, bound); the bias includes the shift by the tolerance (see codes16)
+        vbias = [(1.0, float(bias) + zero + _NEAR_TOL, zero + cmax)]
         if signed:
-            vbias.append((-1.0, 128.0 - float(bias), zero - min(cmax, zero)))
+            vbias.append((-1.0, 128.0 - float(bias) + _NEAR_TOL, zero - min(cmax, zero)))
         for half_index, (sign, vb, bound) in enumerate(vbias):
             vb = torch.tensor(vb, dtype=torch.float32)
             table[_VBIAS + 16 * half_index + r], ints[_VCLAMP + 16 * half_index + r] = vb, bound
             if width:  # where the kernels put this region's inner midpoints: integers, within the tolerance
                 m = torch.tensor(mids[f:f + cells - 1], dtype=torch.float64)
                 k = torch.arange(f + 1, f + cells)
-                for sg, b, at in ((1.0, bias, k), (sign, vb, zero + sign * k + (sign < 0))):
+                for sg, b, at in ((1.0, bias, k), (sign, vb, zero + sign * k + (sign < 0) + _NEAR_TOL)):
                     t = (sg * m * float(inv) + float(b)).to(torch.float32).double()
                     if t.numel() and float((t - at).abs().max()) > _NEAR_TOL / 4:  # pragma: no cover
                         raise AssertionError("map values too far from their grid")
