@@ -108,6 +108,26 @@ def test_fast_path_is_used_only_where_it_applies():
         q8_adamw.step = original
 
 
+def test_small_fp32_state_tensors_ride_along_with_the_q8_kernel():
+    """Tensors under min_quant_size keep fp32 state; next to q8 tensors they take the
+    fp32 kernel, while an eager group with fp32 state only keeps torch's foreach ops."""
+    big, small = torch.nn.Parameter(torch.randn(300, 300)), torch.nn.Parameter(torch.randn(10))
+    big.grad, small.grad = torch.randn(300, 300), torch.randn(10)
+    calls = []
+    original = q8_adamw.step_fp32
+    try:
+        q8_adamw.step_fp32 = lambda *a, **k: (calls.append(len(a[0])), original(*a, **k))
+        ok.AdamW([big, small], state_precision="q8").step()
+        assert calls == [1]
+        calls.clear()
+        ok.AdamW([big, small]).step()
+        assert calls == []
+        ok.AdamW([big, small], compile=True).step()
+        assert calls == [2]
+    finally:
+        q8_adamw.step_fp32 = original
+
+
 @pytest.mark.parametrize("cls,torch_cls", [(ok.AdamW, torch.optim.AdamW), (ok.Adam, torch.optim.Adam)])
 def test_fp32_kernel_and_inductor_path_both_match_torch(cls, torch_cls):
     """compile=True on CPU uses the C kernel for float32 moments; with it disabled the
