@@ -108,6 +108,33 @@ def test_maps_equal_torchao():
 
 
 # --------------------------------------------------------------------------- registry / accounting
+@pytest.mark.parametrize("kind,signed,bits", [("dynamic", True, 8), ("dynamic", False, 8),
+                                             ("dynamic", True, 4), ("linear", False, 4)])
+def test_structural_codes_equal_a_binary_search(kind, signed, bits):
+    """The elementwise nearest-code computation gives exactly bucketize's codes
+    (ties to the upper entry) on a sweep over magnitudes and on adversarial values:
+    every map entry and midpoint and their float neighbours, powers of ten (the
+    decade edges), 0, -0, 1 and tiny values."""
+    from optimkit.state.codecs import _structural_codes
+    from optimkit.state.maps import device_table
+
+    values, mids = device_table(kind, signed, bits, "cpu"), device_table(kind + "_mid", signed, bits, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    lo = -1.0 if signed else 0.0
+    sweep = torch.rand(200_000, generator=gen) * (1 - lo) + lo
+    sweep = torch.cat([sweep, sweep * torch.pow(10.0, -9 * torch.rand(200_000, generator=gen))])
+    edges = torch.cat([values, mids, torch.pow(10.0, -torch.arange(0, 12).float()),
+                       torch.tensor([0.0, -0.0, 1.0, 1e-30, 1e-45])])
+    near = [edges]
+    for _ in range(3):
+        near += [torch.nextafter(near[-1], torch.full_like(edges, 2.0)),
+                 torch.nextafter(near[-2] if len(near) > 1 else edges, torch.full_like(edges, -2.0))]
+    special = torch.cat(near)
+    special = torch.cat([special, -special]) if signed else special
+    y = torch.cat([sweep, special]).clamp(lo, 1.0)
+    assert torch.equal(_structural_codes(y, kind, signed, bits), torch.bucketize(y, mids, right=True))
+
+
 def test_get_codec_and_registry():
     assert sorted(CODECS) == ["bf16", "fp32", "fp8", "q4", "q8"]
     assert get_codec("q8") == Q8() and get_codec("Q4") == Q4() and get_codec(None) == FP32()

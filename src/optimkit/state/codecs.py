@@ -217,15 +217,64 @@ class BF16(Codec):
 
 
 # --------------------------------------------------------------------------- q8 / q4
-def _nearest_codes(y: Tensor, kind: str, signed: bool, bits: int) -> Tensor:
-    """Index of the nearest map entry for each element of ``y`` (int64).
+#: tensors with fewer elements encode with ``torch.bucketize`` (see :func:`_nearest_codes`)
+STRUCTURAL_MIN_NUMEL = 1 << 16
+_LOG10_2 = math.log10(2.0)
+_LOG2_10 = math.log2(10.0)
 
-    ``torch.bucketize`` against the midpoints between neighbouring entries: a
-    binary search, not a ``2**bits``-wide comparison. A value exactly on a
-    midpoint goes to the upper entry.
+
+def _candidate_codes(y: Tensor, kind: str, signed: bool, bits: int) -> Tensor:
+    """An index within one of the nearest map entry, from the map's structure
+    (elementwise arithmetic only, so it fuses into the step's kernel).
+
+    Dynamic map with ``D = bits - 1`` decades: decade ``i`` holds ``c_i`` equal
+    cells of ``[10^(i-D), 10^(i-D+1)]`` (``c_i = 2^i`` signed, ``2^(i+1)``
+    unsigned), one entry at each cell's centre, sorted after ``0`` (unsigned:
+    ``[0, decade 0, ..., decade D-1, 1]``; signed: negatives mirrored below 0).
+    ``|y|``'s decade comes from ``log2`` and its cell from an affine map; a
+    rounding slip near an edge moves the result to the adjacent entry, which
+    the midpoint compare of :func:`_nearest_codes` corrects. Linear map
+    ``{k / n}``, ``k = 1..n``: ``round(y n) - 1``.
     """
+    if kind == "linear":
+        n = 2 ** bits
+        return (y * n).round().sub(1).clamp(0, n - 1).to(torch.int64)
+    d = bits - 1
+    a = y.abs()
+    i = (torch.floor(torch.log2(a) * _LOG10_2) + d).clamp(0, d - 1)  # decade (a = 0 -> -inf -> 0)
+    cells = torch.exp2(i) if signed else torch.exp2(i + 1)
+    start = torch.exp2((i - d) * _LOG2_10)                             # decade i spans [start, 10 start]
+    j = torch.minimum(torch.floor((a / start - 1.0) * (cells / 9.0)).clamp_min(0), cells - 1)
+    if not signed:
+        return (cells - 1 + j).to(torch.int64)                   # 1 + sum_{i' < i} 2^(i'+1) = 2^(i+1) - 1
+    zero = 2 ** d - 1                                            # index of the 0 entry
+    k = cells + j                                                # rank among the positives, from 1
+    return torch.where(y >= 0, zero + k, zero - k).to(torch.int64)
+
+
+def _nearest_codes(y: Tensor, kind: str, signed: bool, bits: int) -> Tensor:
+    """Index of the nearest map entry for each element of ``y`` (int64), exactly
+    what ``torch.bucketize(y, midpoints, right=True)`` gives (a value on a
+    midpoint goes to the upper entry). Large tensors, compiled or (8-bit maps)
+    eager, take :func:`_structural_codes`: aten's CPU bucketize took 90% of a
+    compiled q8 step (AdamW q8 compiled, 4M params: 39 -> 7.5 ns/param; q4
+    14.5 -> 10.2; eager q8 47 -> 30). Small tensors and eager 4-bit codes keep
+    ``bucketize``: one op, faster there and ~40% less to compile."""
+    if y.numel() < STRUCTURAL_MIN_NUMEL or (bits < 8 and not torch.compiler.is_compiling()):
+        return torch.bucketize(y, device_table(kind + "_mid", signed, bits, y.device), right=True)
+    return _structural_codes(y, kind, signed, bits)
+
+
+def _structural_codes(y: Tensor, kind: str, signed: bool, bits: int) -> Tensor:
+    """The nearest codes as :func:`_nearest_codes`: the structural candidate,
+    moved by one where a compare with its neighbouring midpoints says so
+    (elementwise, plus two lookups in the small midpoint table)."""
     mids = device_table(kind + "_mid", signed, bits, y.device)
-    return torch.bucketize(y, mids, right=True)
+    last = mids.numel()  # entries - 1
+    c = _candidate_codes(y, kind, signed, bits)
+    up = (y >= mids[c.clamp(max=last - 1)]) & (c < last)
+    down = (y < mids[(c - 1).clamp(min=0)]) & (c > 0)
+    return c + up.long() - down.long()
 
 
 def _absmax_scaled(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -300,7 +349,8 @@ class _Blockwise(Codec):
             return _nearest_codes(y, self._kind(signed), signed, self.bits), absmax
         values = device_table(self._kind(signed), signed, self.bits, y.device)
         top = values.numel() - 1
-        lower = (torch.bucketize(y, values, right=True) - 1).clamp(0, top - 1)
+        near = _nearest_codes(y, self._kind(signed), signed, self.bits)
+        lower = (near - (values[near] > y).long()).clamp(0, top - 1)  # the last entry <= y
         lo, hi = values[lower], values[lower + 1]
         p_up = ((y - lo) / (hi - lo)).clamp(0.0, 1.0)
         seed = storage["seed"]
