@@ -46,6 +46,31 @@ def test_disk_and_cpu_placement_match_device_bit_exactly(tmp_path, name, precisi
     assert bool(disk_bytes) == bool(sum(ref_bytes.values()))
 
 
+def test_host_placement_streams_only_for_accelerator_parameters(monkeypatch):
+    """"cpu" placement steps one parameter at a time when the parameters live on an
+    accelerator (so the device holds one tensor's state at a time); forcing that
+    per-parameter route on CPU parameters still matches device placement bit-exactly."""
+    from optimkit.core import placement
+
+    assert placement.streams("disk", torch.device("cpu"))
+    assert placement.streams("cpu", torch.device("meta"))  # any non-CPU device
+    assert not placement.streams("cpu", torch.device("cpu"))
+    assert not placement.streams("device", torch.device("meta"))
+    shapes = [(64, 80), (80,), (3, 50, 40)]
+    stream = grad_stream(make_params(shapes), 4)
+    ref = make_params(shapes)
+    run_with_grads(ok.AdamW(ref, state_precision="q8", min_quant_size=1024), ref, stream)
+    calls = []
+    real = placement.streams
+    monkeypatch.setattr(placement, "streams", lambda where, device: calls.append(where) or where == "cpu")
+    got = make_params(shapes)
+    opt = ok.AdamW(got, state_precision="q8", min_quant_size=1024, state_placement="cpu")
+    run_with_grads(opt, got, stream)
+    assert calls and real("cpu", torch.device("cpu")) is False
+    for p, q in zip(ref, got):
+        assert torch.equal(p, q)
+
+
 def test_disk_placement_requires_a_writable_state_dir(tmp_path):
     with pytest.raises(ValueError, match="state_dir"):
         ok.AdamW(make_params(), state_placement="disk")

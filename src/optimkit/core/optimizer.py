@@ -289,11 +289,13 @@ class Optimizer(torch.optim.Optimizer):
         buckets: dict[tuple, list[int]] = {}
         for i, (s, v) in enumerate(zip(states, views)):
             buckets.setdefault((int(s["step"]), v.dtype), []).append(i)
-        streamed = group["state_placement"] == "disk" and not self.group_coupled
+        where = group["state_placement"]
+        streamed = placement.streams(where, views[0].device) and not self.group_coupled
         for (count, _), idx in buckets.items():
             if streamed:  # one parameter at a time, paging in the next one's state meanwhile
                 for j, i in enumerate(idx):
-                    ahead = placement.prefetch(states[idx[j + 1]]) if j + 1 < len(idx) else None
+                    ahead = (placement.prefetch(states[idx[j + 1]]) if where == "disk" and j + 1 < len(idx)
+                             else None)
                     self._run_bucket(group, count + 1, [views[i]], [gviews[i]], [states[i]])
                     if ahead is not None:
                         ahead.join()

@@ -3,8 +3,10 @@ memory, or in memory-mapped files on disk.
 
 * ``"device"``: state tensors live where the parameters live.
 * ``"cpu"``: state tensors live in host memory (pinned when CUDA is
-  available); a step moves a bucket's state to the parameters' device, runs
-  the rule, and copies it back.
+  available). With parameters on an accelerator the facade steps the group
+  one parameter at a time: that parameter's state is copied to the device,
+  updated and copied back, so the device never holds more than one tensor's
+  state. With parameters on the CPU it is the same as ``"device"``.
 * ``"disk"``: every state tensor is a file-backed tensor
   (``torch.from_file(shared=True)``) in a private directory under the
   user's ``state_dir``: the operating system pages it in and out, so state
@@ -81,6 +83,13 @@ class Placement:
         t.copy_(value.detach().to("cpu"))
         self.disk_tensors[id(t)] = path
         return t
+
+
+def streams(where: str, device: torch.device) -> bool:
+    """Whether a group with this placement is stepped one parameter at a time
+    (parameters on ``device``): always on disk, in host memory when the
+    parameters live elsewhere (their state visits the device one tensor at a time)."""
+    return where == "disk" or (where == "cpu" and device.type != "cpu")
 
 
 def needs_transfer(entries: dict, device: torch.device) -> bool:
