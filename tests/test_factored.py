@@ -313,6 +313,29 @@ def test_adam_mini_matches_authors_package():
     _compare(a, b)
 
 
+def test_adam_mini_heads_and_biases_match_authors_package():
+    """Per-head blocks for query/key (grouped-query keys: 2 of 4 heads), plain Adam
+    for biases, the authors' weight_decay=0 for biases and norms, as param groups."""
+    adam_mini = pytest.importorskip("adam_mini")
+    dim, heads, kv_heads = 8, 4, 2
+    named = [("attn.q_proj.weight", (dim, dim)), ("attn.k_proj.weight", (dim * kv_heads // heads, dim)),
+             ("mlp.0.weight", (6, dim)), ("mlp.0.bias", (6,)), ("ln.weight", (dim,))]
+    shapes = [s for _, s in named]
+    a, b = make_params(shapes), make_params(shapes)
+    stream = grad_stream(a, 40)
+    hp = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    mine = ok.create("adam_mini", [{"params": [a[0]], "blocks": heads}, {"params": [a[1]], "blocks": kv_heads},
+                                   {"params": [a[2]]},
+                                   {"params": [a[3]], "blocks": "elements", "weight_decay": 0.0},
+                                   {"params": [a[4]], "weight_decay": 0.0}], **hp)
+    ref = adam_mini.Adam_mini([(n, p) for (n, _), p in zip(named, b)], dim=dim, n_heads=heads,
+                              n_kv_heads=kv_heads, verbose=False, **hp)
+    run_with_grads(mine, a, stream)
+    run_with_grads(ref, b, stream)
+    _compare(a, b)
+    assert [mine.state[p]["vmean"].numel() for p in a] == [heads, kv_heads, 6, 6, 1]
+
+
 def _ref_adam_mini(groups, stream):
     """Adam-mini (paper Algorithm 1) with one block per leading index (3-D+: trailing dims
     flattened) and one block per vector/scalar."""
@@ -402,6 +425,10 @@ def test_family_is_memory(name):
     ("adamw_sn", "subset_size", 0, ValueError),
     ("adamw_sn", "subset_size", 2.5, TypeError),
     ("sn_sm", "rank", 0, ValueError),
+    ("adam_mini", "blocks", "heads", ValueError),
+    ("adam_mini", "blocks", 0, ValueError),
+    ("adam_mini", "blocks", 3, ValueError),      # a (7,) parameter does not split into 3 heads
+    ("adam_mini", "blocks", 2.0, TypeError),
     ("sn_sm", "interval", 1.5, TypeError),
 ])
 def test_invalid_hyperparameters(name, key, value, exc):
