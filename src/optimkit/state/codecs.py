@@ -271,7 +271,7 @@ def _structural_codes(y: Tensor, kind: str, signed: bool, bits: int) -> Tensor:
     (elementwise, plus two lookups in the small midpoint table)."""
     mids = device_table(kind + "_mid", signed, bits, y.device)
     last = mids.numel()  # entries - 1
-    c = _candidate_codes(y, kind, signed, bits)
+    c = _candidate_codes(y, kind, signed, bits).clamp(0, last)  # NaN: any valid code, never a bad index
     up = (y >= mids[c.clamp(max=last - 1)]) & (c < last)
     down = (y < mids[(c - 1).clamp(min=0)]) & (c > 0)
     return c + up.long() - down.long()
