@@ -349,8 +349,10 @@ class _Blockwise(Codec):
             return _nearest_codes(y, self._kind(signed), signed, self.bits), absmax
         values = device_table(self._kind(signed), signed, self.bits, y.device)
         top = values.numel() - 1
-        near = _nearest_codes(y, self._kind(signed), signed, self.bits)
-        lower = (near - (values[near] > y).long()).clamp(0, top - 1)  # the last entry <= y
+        # The last entry <= y by binary search: deriving it from the structural nearest
+        # code (one more table lookup) miscompiled under Inductor on CPU for the
+        # elements of a zero-padded last block (torch 2.13; they came out as code 0).
+        lower = (torch.bucketize(y, values, right=True) - 1).clamp(0, top - 1)
         lo, hi = values[lower], values[lower + 1]
         p_up = ((y - lo) / (hi - lo)).clamp(0.0, 1.0)
         seed = storage["seed"]
