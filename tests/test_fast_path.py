@@ -66,6 +66,72 @@ def test_each_step_agrees_with_the_reference_path(cls, hp):
     assert flipped <= 1e-4 * total, f"{flipped} of {total} codes differ"
 
 
+@pytest.mark.parametrize("cls,hp", [(ok.AdamW, dict(lr=1e-3, weight_decay=0.01)),
+                                    (ok.Adam, dict(lr=3e-3, betas=(0.3, 0.99)))])
+def test_stochastic_rounding_agrees_with_the_reference_path(cls, hp):
+    """state_rounding="stochastic": from identical states (encode counters included),
+    one fused step and one reference step give the same parameters, the same codes
+    (but for rare rounding differences in the update, as above) and the same
+    advanced counters."""
+    fast_p, ref_p = _params(), _params()
+    fast = cls(fast_p, state_precision="q8", state_rounding="stochastic", **hp)
+    ref = cls(ref_p, state_precision="q8", state_rounding="stochastic", **hp)
+    flipped = total = 0
+    for step, grads in enumerate(_grads(30)):
+        for a, b, g in zip(fast_p, ref_p, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+            b.data.copy_(a.data)
+        for a, b in zip(fast_p, ref_p):
+            for k, v in fast.state.get(a, {}).items():
+                if isinstance(v, torch.Tensor):
+                    ref.state[b][k].copy_(v)
+        seeds = {(a, name): int(fast.state[a][name + ":seed"]) for a in fast_p if a in fast.state
+                 for name in ("exp_avg", "exp_avg_sq") if name + ":seed" in fast.state[a]}
+        fast.step()
+        with q8_adamw.disabled():
+            ref.step()
+        for a, b in zip(fast_p, ref_p):
+            torch.testing.assert_close(a, b)
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name not in fast.state[a].get("_layout", {}):
+                    continue
+                assert fast.state[a]["_layout"][name][3] is True
+                seed = int(fast.state[a][name + ":seed"])
+                assert seed == int(ref.state[b][name + ":seed"])
+                if (a, name) in seeds:
+                    assert seed == seeds[a, name] + 1
+                ca, cb = fast.state[a][name + ":codes"], ref.state[b][name + ":codes"]
+                diff = (ca.int() - cb.int()).abs()
+                assert int(diff.max()) <= 1
+                flipped += int((diff > 0).sum())
+                total += diff.numel()
+                torch.testing.assert_close(fast.state[a][name + ":absmax"], ref.state[b][name + ":absmax"])
+        assert step == 0 or seeds
+    assert flipped <= 1e-4 * total, f"{flipped} of {total} codes differ"
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("simd", [True, False])
+def test_stochastic_encoder_matches_the_reference_rule(signed, simd):
+    """The kernel's stochastic encoder against the reference's formula (the last map
+    entry <= y, up with probability (y - lo) / (hi - lo) against the dither),
+    exactly, on adversarial values, at several encode counters and element offsets."""
+    from optimkit.state import maps
+    from optimkit.state.codecs import _dither
+
+    y = _adversarial(signed)
+    values = torch.tensor(maps.dynamic_map(signed, 8), dtype=torch.float32)
+    lower = (torch.bucketize(y, values, right=True) - 1).clamp(0, values.numel() - 2)
+    lo, hi = values[lower], values[lower + 1]
+    p_up = ((y - lo) / (hi - lo)).clamp(0.0, 1.0)
+    for seed, index0 in ((0, 0), (7, 256), (2**24 + 3, 1000)):
+        u = _dither(index0 + y.numel(), torch.tensor(seed), "cpu")[index0:]
+        expected = lower + (u < p_up).long()
+        got = q8_adamw.encode_codes_stochastic(y, signed, seed, index0=index0, simd=simd).long()
+        wrong = (got != expected).nonzero().view(-1)
+        assert wrong.numel() == 0, (y[wrong[:5]].tolist(), got[wrong[:5]].tolist(), expected[wrong[:5]].tolist())
+
+
 def test_long_run_tracks_the_reference_path():
     fast_p, ref_p = _params(), _params()
     fast = ok.AdamW(fast_p, lr=1e-3, state_precision="q8")
@@ -97,7 +163,11 @@ def test_fast_path_is_used_only_where_it_applies():
         q8_adamw.step = lambda *a, **k: (calls.append(len(a[0])), original(*a, **k))
         ok.AdamW([p], state_precision="q8").step()
         assert calls == [1]
-        for hp in (dict(amsgrad=True), dict(maximize=True), dict(cautious=True), dict(state_precision="q4")):
+        calls.clear()
+        ok.AdamW([p], state_precision="q8", state_rounding="stochastic").step()
+        assert calls == [1]
+        for hp in (dict(amsgrad=True), dict(maximize=True), dict(cautious=True), dict(state_precision="q4"),
+                   dict(state_precision="q4", state_rounding="stochastic")):
             calls.clear()
             ok.AdamW([p], **{"state_precision": "q8", **hp}).step()
             assert calls == [], hp

@@ -4,7 +4,8 @@
  * elements, decode both moments, run the AdamW update (the float32
  * operations of optimkit's tensor-op reference path, in the same order and
  * with the same fused multiply-adds torch's CPU kernels use), then
- * re-quantize: block absmax, then the nearest map code. Divisions by a
+ * re-quantize: block absmax, then the nearest map code (or, for a state
+ * with an encode counter, stochastic rounding: see encode_sr_one). Divisions by a
  * per-block or per-step constant are multiplications by its reciprocal here
  * (the reference divides): that moves a result by at most an ulp, which can
  * only change a code when a value sits on a rounding tie. The three loops
@@ -84,6 +85,49 @@ static inline uint8_t encode_one(float y, const float *restrict enc, int is_sign
     c += a >= enc[ENC_MID + c];
     if (!is_signed) return (uint8_t)c;
     return (uint8_t)(neg ? SIGNED_ZERO - (c < SIGNED_ZERO ? c : SIGNED_ZERO) : SIGNED_ZERO + c);
+}
+
+/* Stochastic rounding (codecs._Blockwise._codes with stochastic=True): y goes
+ * to the last map entry <= y (lower, at most 254) or to the next one, up with
+ * probability p = clamp((y - lo) / (hi - lo), 0, 1), decided by u < p for the
+ * dither u of the element (codecs._dither): an integer hash of the element's
+ * index in the tensor plus the encode counter (seed) times the golden ratio,
+ * all modulo 2**32 (the reference's int64 arithmetic masks to 32 bits). The
+ * lower entry is the nearest code, or the one below it when that code's value
+ * exceeds y. y = x / scale by a division, as the reference computes it. */
+static inline uint32_t seed_phi(int64_t seed) {
+    return (uint32_t)(((uint64_t)seed & 0xFFFFFFu) * 0x9E3779B9u);
+}
+
+static inline float dither_one(uint64_t i, uint32_t phi) {
+    uint32_t x = (uint32_t)i * 1103515245u + 0x5BD1E995u;
+    x ^= x >> 16;
+    x *= 0x45D9F3Bu;
+    x ^= x >> 16;
+    x *= 0x45D9F3Bu;
+    x ^= x >> 16;
+    x += phi;
+    return (float)(x >> 8) * (1.0f / 16777216.0f);
+}
+
+static inline uint8_t encode_sr_one(float y, float u, const float *restrict values, const float *restrict enc,
+                                    int is_signed) {
+    int32_t c = encode_one(y, enc, is_signed);
+    c -= values[c] > y;
+    c = c < 0 ? 0 : (c > 254 ? 254 : c);
+    if (y != y) c = 254;                        /* NaN: the reference's binary search puts it last */
+    float lo = values[c], hi = values[c + 1];
+    float p = (y - lo) / (hi - lo);
+    p = p > 0.f ? p : 0.f;                      /* NaN: never up, as u < NaN */
+    p = p < 1.f ? p : 1.f;
+    return (uint8_t)(c + (u < p));
+}
+
+static inline void encode_sr_block(const float *restrict x, float scale, uint8_t *restrict codes, int64_t from,
+                                   int64_t len, const float *restrict values, const float *restrict enc,
+                                   int is_signed, uint64_t index0, uint32_t phi) {
+    for (int64_t i = from; i < len; ++i)
+        codes[i] = encode_sr_one(x[i] / scale, dither_one(index0 + (uint64_t)i, phi), values, enc, is_signed);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
@@ -303,6 +347,56 @@ static inline int64_t encode_block_avx512(const float *restrict x, float scale, 
     }
     return i;
 }
+
+/* Stochastic codes of x[i] / scale, 16 at a time (see encode_sr_one): the
+ * vector nearest code (lanes close to a midpoint redone by encode_one), then
+ * the map lookups, the hash and the comparison on 16 lanes; vt: the map in
+ * 16 registers (load_table). Returns how many elements it handled. */
+static inline int64_t encode_sr_block_avx512(const float *restrict x, float scale, uint8_t *restrict codes,
+                                             int64_t len, const enc_regs *r, const __m512 *vt,
+                                             const float *restrict enc, int is_signed, uint64_t index0,
+                                             uint32_t phi) {
+    const __m512 s = _mm512_set1_ps(scale);
+    const __m512i one = _mm512_set1_epi32(1), iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                                        13, 14, 15);
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+        __m512 y = _mm512_div_ps(_mm512_loadu_ps(x + i), s);
+        __mmask16 close;
+        __m512i c = codes16(y, r, is_signed, &close);
+        if (__builtin_expect(close != 0, 0)) {
+            float yy[16];
+            int32_t cc[16];
+            _mm512_storeu_ps(yy, y);
+            _mm512_storeu_si512((void *)cc, c);
+            for (unsigned m = close; m; m &= m - 1) {
+                int k = __builtin_ctz(m);
+                cc[k] = encode_one(yy[k], enc, is_signed);
+            }
+            c = _mm512_loadu_si512((const void *)cc);
+        }
+        __mmask16 above = _mm512_cmp_ps_mask(lookup256(vt, c), y, _CMP_GT_OQ);
+        c = _mm512_mask_sub_epi32(c, above, c, one);
+        c = _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(254));
+        c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(254));
+        __m512 lo = lookup256(vt, c), hi = lookup256(vt, _mm512_add_epi32(c, one));
+        __m512 p = _mm512_div_ps(_mm512_sub_ps(y, lo), _mm512_sub_ps(hi, lo));
+        p = _mm512_min_ps(_mm512_max_ps(p, _mm512_setzero_ps()), _mm512_set1_ps(1.0f));  /* NaN: 0 */
+        __m512i h = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)(index0 + (uint64_t)i)), iota);
+        h = _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)1103515245u)),
+                             _mm512_set1_epi32(0x5BD1E995));
+        h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+        h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x45D9F3B));
+        h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+        h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x45D9F3B));
+        h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+        h = _mm512_add_epi32(h, _mm512_set1_epi32((int32_t)phi));
+        __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
+        c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, p, _CMP_LT_OQ), c, one);
+        _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(c));
+    }
+    return i;
+}
 #endif
 
 static inline void update_block(float *restrict pp, const float *restrict gg, const uint8_t *restrict mcc,
@@ -365,6 +459,25 @@ void q8_encode(const float *x, int64_t n, float scale, uint8_t *codes, const flo
     encode_block(x, scale, codes, done, n, enc, is_signed);
 }
 
+/* The stochastic encoder alone (for tests): codes of x[i] / scale, i < n,
+ * x[i] being element index0 + i of its tensor; simd = 0 forces the scalar
+ * loop. */
+void q8_encode_sr(const float *x, int64_t n, float scale, uint8_t *codes, const float *values, const float *enc,
+                  int is_signed, int64_t seed, int64_t index0, int simd) {
+    int64_t done = 0;
+    uint32_t phi = seed_phi(seed);
+#ifdef HAVE_AVX512
+    if (simd) {
+        enc_regs r;
+        __m512 vt[16];
+        load_encoder(&r, enc);
+        load_table(vt, values);
+        done = encode_sr_block_avx512(x, scale, codes, n, &r, vt, enc, is_signed, (uint64_t)index0, phi);
+    }
+#endif
+    encode_sr_block(x, scale, codes, done, n, values, enc, is_signed, (uint64_t)index0, phi);
+}
+
 /* One call for a list of tensors: one parallel region over all their blocks
  * (not one per tensor), each block finding its tensor by a binary search
  * over the block offsets. */
@@ -373,7 +486,7 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
                    float decay, float one_minus_b1, float b1, int low_weight, float b2,
                    float one_minus_b2, float bc2_sqrt, float eps, float step_value,
                    const float *smap, const float *umap, const float *senc, const float *uenc,
-                   float tiny) {
+                   float tiny, int64_t **mseeds, int64_t **vseeds) {
     hyper h = {decay, one_minus_b1, b1, b2, one_minus_b2, bc2_sqrt, eps, step_value, tiny};
     int64_t nblocks = block_offsets[ntensors];
 #pragma omp parallel
@@ -419,13 +532,37 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
         vabs[b] = vmax;
         float ms = mmax > tiny ? mmax : tiny, vs = vmax > tiny ? vmax : tiny;
         int64_t me = 0, ve = 0;
+        const int64_t *msd = mseeds ? mseeds[t] : NULL, *vsd = vseeds ? vseeds[t] : NULL;
+        if (msd) {              /* stochastic rounding, at this step's seed */
+            uint32_t phi = seed_phi(*msd);
 #ifdef HAVE_AVX512
-        me = encode_block_avx512(mb, ms, mc + start, len, &se, senc, 1);
-        ve = encode_block_avx512(vb, vs, vc + start, len, &ue, uenc, 0);
+            me = encode_sr_block_avx512(mb, ms, mc + start, len, &se, dt.st, senc, 1, (uint64_t)start, phi);
 #endif
-        encode_block(mb, ms, mc + start, me, len, senc, 1);
-        encode_block(vb, vs, vc + start, ve, len, uenc, 0);
+            encode_sr_block(mb, ms, mc + start, me, len, smap, senc, 1, (uint64_t)start, phi);
+        } else {
+#ifdef HAVE_AVX512
+            me = encode_block_avx512(mb, ms, mc + start, len, &se, senc, 1);
+#endif
+            encode_block(mb, ms, mc + start, me, len, senc, 1);
+        }
+        if (vsd) {
+            uint32_t phi = seed_phi(*vsd);
+#ifdef HAVE_AVX512
+            ve = encode_sr_block_avx512(vb, vs, vc + start, len, &ue, dt.ut, uenc, 0, (uint64_t)start, phi);
+#endif
+            encode_sr_block(vb, vs, vc + start, ve, len, umap, uenc, 0, (uint64_t)start, phi);
+        } else {
+#ifdef HAVE_AVX512
+            ve = encode_block_avx512(vb, vs, vc + start, len, &ue, uenc, 0);
+#endif
+            encode_block(vb, vs, vc + start, ve, len, uenc, 0);
+        }
     }
+    }
+    /* each encode advances its state's counter (after every block has read it) */
+    for (int64_t t = 0; t < ntensors; ++t) {
+        if (mseeds && mseeds[t]) ++*mseeds[t];
+        if (vseeds && vseeds[t]) ++*vseeds[t];
     }
 }
 

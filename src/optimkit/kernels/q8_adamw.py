@@ -8,7 +8,8 @@ auto-vectorized), does the whole step per block of 256 elements while the
 block is in cache: decode, update, absmax, nearest-code encode (the map's
 region from the float's exponent and one comparison, the cell from an affine
 function of the value; a table of midpoints only where the value lies within
-a tolerance of one). It reproduces the
+a tolerance of one), or the reference's stochastic rounding (same dither, same
+encode counter) for ``state_rounding="stochastic"``. It reproduces the
 reference path's float32 operations in the same order; tests check that
 parameters and decoded states agree.
 
@@ -90,10 +91,13 @@ def _compile() -> ctypes.CDLL | None:
             f = lib.adamw_q8_step
             f.restype = None
             P, I64, F, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-            f.argtypes = [I64, P, P, P, P, P, P, P, P, F, F, F, I, F, F, F, F, F, P, P, P, P, F]
+            f.argtypes = [I64, P, P, P, P, P, P, P, P, F, F, F, I, F, F, F, F, F, P, P, P, P, F, P, P]
             enc = lib.q8_encode
             enc.restype = None
             enc.argtypes = [P, I64, F, P, P, I, I]
+            sr = lib.q8_encode_sr
+            sr.restype = None
+            sr.argtypes = [P, I64, F, P, P, P, I, I64, I64, I]
             f32 = lib.adamw_f32_step
             f32.restype = None
             f32.argtypes = [I64, P, P, P, P, P, P, F, F, F, I, F, F, F, F, F]
@@ -204,6 +208,20 @@ def encode_codes(y: Tensor, signed: bool, scale: float = 1.0, simd: bool = True)
     return out
 
 
+def encode_codes_stochastic(y: Tensor, signed: bool, seed: int, scale: float = 1.0, index0: int = 0,
+                            simd: bool = True) -> Tensor:
+    """The kernel's stochastic encoder alone: uint8 codes of ``y / scale``, ``y[k]`` being
+    element ``index0 + k`` of its tensor, at encode number ``seed`` (for tests)."""
+    if _compile() is None:
+        raise RuntimeError("the q8 kernel is not available")
+    y = y.detach().to(torch.float32).contiguous().view(-1)
+    (smap, senc), (umap, uenc) = _tables()
+    out = torch.empty(y.numel(), dtype=torch.uint8)
+    _lib.q8_encode_sr(y.data_ptr(), y.numel(), scale, out.data_ptr(), (smap if signed else umap).data_ptr(),
+                      (senc if signed else uenc).data_ptr(), int(signed), seed, index0, int(simd))
+    return out
+
+
 @contextlib.contextmanager
 def disabled():
     """Temporarily use the reference path (for tests and comparisons)."""
@@ -223,7 +241,10 @@ def available() -> bool:
 
 def step(params: list[Tensor], grads: list[Tensor], ms: list[dict], vs: list[dict], *, lr: float, beta1: float,
          beta2: float, eps: float, weight_decay: float, bc1: float, bc2_sqrt: float) -> None:
-    """One fused AdamW step on CPU float32 tensors with q8 moments (storage dicts), all in one call."""
+    """One fused AdamW step on CPU float32 tensors with q8 moments (storage dicts), all in one call.
+
+    A storage dict with a ``seed`` (an int64 0-d CPU tensor) is rounded stochastically at
+    that encode number, as the reference codec does, and its seed is advanced by one."""
     global _TINY
     if _TINY is None:
         from ..state import codecs
@@ -232,9 +253,12 @@ def step(params: list[Tensor], grads: list[Tensor], ms: list[dict], vs: list[dic
     (smap, senc), (umap, uenc) = _tables()
     arrays, sizes, offsets, _keep = _pack(params, [params, grads, [m["codes"] for m in ms], [m["absmax"] for m in ms],
                                                    [v["codes"] for v in vs], [v["absmax"] for v in vs]])
+    seeds = [array.array("Q", [s["seed"].data_ptr() if "seed" in s else 0 for s in states])
+             if any("seed" in s for s in states) else None for states in (ms, vs)]
     _lib.adamw_q8_step(len(params), *arrays, sizes, offsets, *_hyper(lr, beta1, beta2, eps, weight_decay, bc1,
                                                                       bc2_sqrt),
-                       smap.data_ptr(), umap.data_ptr(), senc.data_ptr(), uenc.data_ptr(), _TINY)
+                       smap.data_ptr(), umap.data_ptr(), senc.data_ptr(), uenc.data_ptr(), _TINY,
+                       *[a.buffer_info()[0] if a is not None else None for a in seeds])
 
 
 def step_fp32(params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, lr: float,

@@ -34,9 +34,10 @@ class Adam(Optimizer):
 
     def fast_step(self, group, hp, params, grads, states):
         """Fused CPU kernels (optimkit.kernels.q8_adamw) where they apply: q8 moments
-        always, float32 moments when ``compile=True`` (on CPU they beat Inductor's kernel)
-        or when the same bucket runs the q8 kernel (the small tensors that keep fp32
-        state under ``min_quant_size``; the tensor-op path cost ~0.7 ms a step there)."""
+        always (nearest or stochastic rounding), float32 moments when ``compile=True``
+        (on CPU they beat Inductor's kernel) or when the same bucket runs the q8 kernel
+        (the small tensors that keep fp32 state under ``min_quant_size``; the tensor-op
+        path cost ~0.7 ms a step there)."""
         decoupled = type(self) is not Adam or group["decoupled_weight_decay"] or group["weight_decay"] == 0
         if (group["amsgrad"] or group["maximize"] or not decoupled or group.get("cautious")
                 or group["bf16_compensation"]):
@@ -53,8 +54,10 @@ class Adam(Optimizer):
                 continue
             lay = st.get("_layout", {})
             if (lay.get("exp_avg", ("",))[:2] == ("q8", True) and lay.get("exp_avg_sq", ("",))[:2] == ("q8", False)
-                    and not any(lay[k][3:4] == (True,) for k in ("exp_avg", "exp_avg_sq"))  # nearest only
-                    and st["exp_avg:codes"].device.type == "cpu"):
+                    and st["exp_avg:codes"].device.type == "cpu"
+                    # stochastic rounding: the kernel reads and advances each state's encode counter
+                    and all(st[k + ":seed"].device.type == "cpu" and st[k + ":seed"].dtype == torch.int64
+                            for k in ("exp_avg", "exp_avg_sq") if lay[k][3:4] == (True,))):
                 q8.append(i)
             elif ("exp_avg" in st and "exp_avg_sq" in st
                   and st["exp_avg"].device.type == "cpu" and st["exp_avg"].is_contiguous()
@@ -68,9 +71,13 @@ class Adam(Optimizer):
                       weight_decay=group["weight_decay"], bc1=hp["bc1"], bc2_sqrt=hp["bc2_sqrt"])
         if q8:
             sts = [states[i] for i in q8]
+
+            def storage(st, name):
+                keys = ("codes", "absmax", "seed") if st["_layout"][name][3:4] == (True,) else ("codes", "absmax")
+                return {k: st[f"{name}:{k}"] for k in keys}
+
             q8_adamw.step([params[i] for i in q8], [grads[i] for i in q8],
-                          [{"codes": st["exp_avg:codes"], "absmax": st["exp_avg:absmax"]} for st in sts],
-                          [{"codes": st["exp_avg_sq:codes"], "absmax": st["exp_avg_sq:absmax"]} for st in sts],
+                          [storage(st, "exp_avg") for st in sts], [storage(st, "exp_avg_sq") for st in sts],
                           **common)
         if f32:
             q8_adamw.step_fp32([params[i] for i in f32], [grads[i] for i in f32],
