@@ -119,17 +119,21 @@ def test_stochastic_encoder_matches_the_reference_rule(signed, simd):
     from optimkit.state import maps
     from optimkit.state.codecs import _dither
 
-    y = _adversarial(signed)
+    edges = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, 2.0, -1.0, -2.0, 0.0, -0.0, 0.99999994])
+    edges = edges if signed else edges.abs()
     values = torch.tensor(maps.dynamic_map(signed, 8), dtype=torch.float32)
-    lower = (torch.bucketize(y, values, right=True) - 1).clamp(0, values.numel() - 2)
-    lo, hi = values[lower], values[lower + 1]
-    p_up = ((y - lo) / (hi - lo)).clamp(0.0, 1.0)
-    for seed, index0 in ((0, 0), (7, 256), (2**24 + 3, 1000)):
-        u = _dither(index0 + y.numel(), torch.tensor(seed), "cpu")[index0:]
-        expected = lower + (u < p_up).long()
-        got = q8_adamw.encode_codes_stochastic(y, signed, seed, index0=index0, simd=simd).long()
-        wrong = (got != expected).nonzero().view(-1)
-        assert wrong.numel() == 0, (y[wrong[:5]].tolist(), got[wrong[:5]].tolist(), expected[wrong[:5]].tolist())
+    # the edge values repeated to fill the 64-, 16- and 1-wide loops
+    for y in (_adversarial(signed), edges.repeat(9)[:85]):
+        lower = (torch.bucketize(y, values, right=True) - 1).clamp(0, values.numel() - 2)
+        lo, hi = values[lower], values[lower + 1]
+        p_up = ((y - lo) / (hi - lo)).clamp(0.0, 1.0)
+        for seed, index0 in ((0, 0), (7, 256), (2**24 + 3, 1000)):
+            u = _dither(index0 + y.numel(), torch.tensor(seed), "cpu")[index0:]
+            expected = lower + (u < p_up).long()
+            got = q8_adamw.encode_codes_stochastic(y, signed, seed, index0=index0, simd=simd).long()
+            wrong = (got != expected).nonzero().view(-1)
+            assert wrong.numel() == 0, (y[wrong[:5]].tolist(), got[wrong[:5]].tolist(),
+                                        expected[wrong[:5]].tolist())
 
 
 def test_long_run_tracks_the_reference_path():

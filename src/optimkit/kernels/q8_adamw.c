@@ -348,51 +348,116 @@ static inline int64_t encode_block_avx512(const float *restrict x, float scale, 
     return i;
 }
 
-/* Stochastic codes of x[i] / scale, 16 at a time (see encode_sr_one): the
- * vector nearest code (lanes close to a midpoint redone by encode_one), then
- * the map lookups, the hash and the comparison on 16 lanes; vt: the map in
- * 16 registers (load_table). Returns how many elements it handled. */
+/* Pieces of the vector stochastic encoder (see encode_sr_one). */
+
+/* The nearest code of 16 values y (codes16, close lanes redone by encode_one). */
+static inline __m512i sr_nearest16(__m512 y, const enc_regs *r, const float *restrict enc, int is_signed) {
+    __mmask16 close;
+    __m512i c = codes16(y, r, is_signed, &close);
+    if (__builtin_expect(close != 0, 0)) {
+        float yy[16];
+        int32_t cc[16];
+        _mm512_storeu_ps(yy, y);
+        _mm512_storeu_si512((void *)cc, c);
+        for (unsigned m = close; m; m &= m - 1) {
+            int k = __builtin_ctz(m);
+            cc[k] = encode_one(yy[k], enc, is_signed);
+        }
+        c = _mm512_loadu_si512((const void *)cc);
+    }
+    return c;
+}
+
+/* The neighbour of code c on y's side (below it where values[c] > y: *above),
+ * clamped to the map, to look up next. */
+static inline __m512i sr_other16(__m512 y, __m512i c, __m512 vc, __mmask16 *above) {
+    const __m512i one = _mm512_set1_epi32(1);
+    *above = _mm512_cmp_ps_mask(vc, y, _CMP_GT_OQ);
+    __m512i other = _mm512_mask_sub_epi32(_mm512_add_epi32(c, one), *above, c, one);
+    return _mm512_min_epi32(_mm512_max_epi32(other, _mm512_setzero_si512()), _mm512_set1_epi32(255));
+}
+
+/* The stochastic code of 16 values y, elements idx .. idx + 15 of their tensor,
+ * from the nearest code c, vc = values[c] and vo = values[the other]. */
+static inline __m512i sr_finish16(__m512 y, __m512i c, __m512 vc, __m512 vo, __mmask16 above, uint32_t idx,
+                                  uint32_t phi) {
+    const __m512i one = _mm512_set1_epi32(1);
+    c = _mm512_mask_sub_epi32(c, above, c, one);                      /* lower */
+    __m512 lo = _mm512_mask_blend_ps(above, vc, vo), hi = _mm512_mask_blend_ps(above, vo, vc);
+    /* Past the ends of the map (y below its first entry, or y >= 1 on the last
+     * code) the reference clamps lower to [0, 254], and p is then 0 or 1. Here
+     * the clamped neighbour is c itself, so lo = hi and p is -inf (below), or
+     * +inf or 0 / 0 (at 1 or above): max(0, p) keeps a NaN and min(NaN, 1) is 1,
+     * giving 0 and 1. A NaN y: lower 254, never up (the reference's u < NaN). */
+    __m512 p = _mm512_div_ps(_mm512_sub_ps(y, lo), _mm512_sub_ps(hi, lo));
+    p = _mm512_min_ps(_mm512_max_ps(_mm512_setzero_ps(), p), _mm512_set1_ps(1.0f));
+    __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+    c = _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(254));
+    c = _mm512_mask_mov_epi32(c, nan, _mm512_set1_epi32(254));
+    p = _mm512_mask_mov_ps(p, nan, _mm512_setzero_ps());
+    /* the dither (dither_one) */
+    __m512i h = _mm512_add_epi32(_mm512_set1_epi32((int32_t)idx),
+                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    h = _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)1103515245u)),
+                         _mm512_set1_epi32(0x5BD1E995));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x45D9F3B));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x45D9F3B));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_add_epi32(h, _mm512_set1_epi32((int32_t)phi));
+    __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
+    return _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, p, _CMP_LT_OQ), c, one);
+}
+
+#ifdef HAVE_VBMI
+/* 64 codes in [0, 255] (int32, 16 per register) as bytes in element order. */
+static inline void pack64(const __m512i *c, uint8_t *out) {
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]), _mm512_packus_epi32(c[2], c[3]));
+    _mm512_storeu_si512((void *)out, _mm512_permutexvar_epi32(order, packed));
+}
+#endif
+
+/* Stochastic codes of x[i] / scale (see encode_sr_one), x[i] being element
+ * index0 + i of its tensor: with VBMI 64 at a time (the map lookups as in
+ * decode64), then 16 at a time (lookup256). Returns how many elements it
+ * handled. */
 static inline int64_t encode_sr_block_avx512(const float *restrict x, float scale, uint8_t *restrict codes,
-                                             int64_t len, const enc_regs *r, const __m512 *vt,
+                                             int64_t len, const enc_regs *r, const dec_tables *dt,
                                              const float *restrict enc, int is_signed, uint64_t index0,
                                              uint32_t phi) {
     const __m512 s = _mm512_set1_ps(scale);
-    const __m512i one = _mm512_set1_epi32(1), iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                                                        13, 14, 15);
+    const __m512 *vt = is_signed ? dt->st : dt->ut;
     int64_t i = 0;
+#ifdef HAVE_VBMI
+    const __m512i *planes = is_signed ? dt->sp : dt->up;
+    for (; i + 64 <= len; i += 64) {
+        __m512 y[4], vc[4], vo[4];
+        __m512i c[4], other[4];
+        __mmask16 above[4];
+        uint8_t buf[64] __attribute__((aligned(64)));
+        for (int q = 0; q < 4; ++q) {
+            y[q] = _mm512_div_ps(_mm512_loadu_ps(x + i + 16 * q), s);
+            c[q] = sr_nearest16(y[q], r, enc, is_signed);
+        }
+        pack64(c, buf);
+        decode64(buf, planes, dt->order, vc);
+        for (int q = 0; q < 4; ++q) other[q] = sr_other16(y[q], c[q], vc[q], above + q);
+        pack64(other, buf);
+        decode64(buf, planes, dt->order, vo);
+        for (int q = 0; q < 4; ++q)
+            c[q] = sr_finish16(y[q], c[q], vc[q], vo[q], above[q], (uint32_t)(index0 + (uint64_t)(i + 16 * q)), phi);
+        pack64(c, codes + i);
+    }
+#endif
     for (; i + 16 <= len; i += 16) {
         __m512 y = _mm512_div_ps(_mm512_loadu_ps(x + i), s);
-        __mmask16 close;
-        __m512i c = codes16(y, r, is_signed, &close);
-        if (__builtin_expect(close != 0, 0)) {
-            float yy[16];
-            int32_t cc[16];
-            _mm512_storeu_ps(yy, y);
-            _mm512_storeu_si512((void *)cc, c);
-            for (unsigned m = close; m; m &= m - 1) {
-                int k = __builtin_ctz(m);
-                cc[k] = encode_one(yy[k], enc, is_signed);
-            }
-            c = _mm512_loadu_si512((const void *)cc);
-        }
-        __mmask16 above = _mm512_cmp_ps_mask(lookup256(vt, c), y, _CMP_GT_OQ);
-        c = _mm512_mask_sub_epi32(c, above, c, one);
-        c = _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(254));
-        c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(254));
-        __m512 lo = lookup256(vt, c), hi = lookup256(vt, _mm512_add_epi32(c, one));
-        __m512 p = _mm512_div_ps(_mm512_sub_ps(y, lo), _mm512_sub_ps(hi, lo));
-        p = _mm512_min_ps(_mm512_max_ps(p, _mm512_setzero_ps()), _mm512_set1_ps(1.0f));  /* NaN: 0 */
-        __m512i h = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)(index0 + (uint64_t)i)), iota);
-        h = _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)1103515245u)),
-                             _mm512_set1_epi32(0x5BD1E995));
-        h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-        h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x45D9F3B));
-        h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-        h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x45D9F3B));
-        h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
-        h = _mm512_add_epi32(h, _mm512_set1_epi32((int32_t)phi));
-        __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
-        c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, p, _CMP_LT_OQ), c, one);
+        __m512i c = sr_nearest16(y, r, enc, is_signed);
+        __m512 vc = lookup256(vt, c);
+        __mmask16 above;
+        __m512 vo = lookup256(vt, sr_other16(y, c, vc, &above));
+        c = sr_finish16(y, c, vc, vo, above, (uint32_t)(index0 + (uint64_t)i), phi);
         _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(c));
     }
     return i;
@@ -469,10 +534,10 @@ void q8_encode_sr(const float *x, int64_t n, float scale, uint8_t *codes, const 
 #ifdef HAVE_AVX512
     if (simd) {
         enc_regs r;
-        __m512 vt[16];
+        dec_tables dt;
         load_encoder(&r, enc);
-        load_table(vt, values);
-        done = encode_sr_block_avx512(x, scale, codes, n, &r, vt, enc, is_signed, (uint64_t)index0, phi);
+        load_decoder(&dt, values, values);
+        done = encode_sr_block_avx512(x, scale, codes, n, &r, &dt, enc, is_signed, (uint64_t)index0, phi);
     }
 #endif
     encode_sr_block(x, scale, codes, done, n, values, enc, is_signed, (uint64_t)index0, phi);
@@ -536,7 +601,7 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
         if (msd) {              /* stochastic rounding, at this step's seed */
             uint32_t phi = seed_phi(*msd);
 #ifdef HAVE_AVX512
-            me = encode_sr_block_avx512(mb, ms, mc + start, len, &se, dt.st, senc, 1, (uint64_t)start, phi);
+            me = encode_sr_block_avx512(mb, ms, mc + start, len, &se, &dt, senc, 1, (uint64_t)start, phi);
 #endif
             encode_sr_block(mb, ms, mc + start, me, len, smap, senc, 1, (uint64_t)start, phi);
         } else {
@@ -548,7 +613,7 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
         if (vsd) {
             uint32_t phi = seed_phi(*vsd);
 #ifdef HAVE_AVX512
-            ve = encode_sr_block_avx512(vb, vs, vc + start, len, &ue, dt.ut, uenc, 0, (uint64_t)start, phi);
+            ve = encode_sr_block_avx512(vb, vs, vc + start, len, &ue, &dt, uenc, 0, (uint64_t)start, phi);
 #endif
             encode_sr_block(vb, vs, vc + start, ve, len, umap, uenc, 0, (uint64_t)start, phi);
         } else {
