@@ -69,6 +69,8 @@ def default_contenders(device: str = "cpu", precisions: bool = True, peers: bool
     if precisions:
         out += [
             Contender("optimkit q8 AdamW fast", lambda ps: ok.AdamW(ps, lr=1e-3, state_precision="q8"), 16),
+            Contender("optimkit q8 AdamW fast/stochastic",
+                      lambda ps: ok.AdamW(ps, lr=1e-3, state_precision="q8", state_rounding="stochastic"), 16),
             Contender("optimkit q8 AdamW compiled", lambda ps: ok.AdamW(ps, lr=1e-3, state_precision="q8",
                                                                       compile=True), 16, _reference_path),
             Contender("optimkit q4 AdamW compiled", lambda ps: ok.AdamW(ps, lr=1e-3, state_precision="q4",

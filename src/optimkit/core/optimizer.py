@@ -321,8 +321,11 @@ class Optimizer(torch.optim.Optimizer):
             hp.update(t.scalars(group, step, sstate))
         all_states = states
         done = self.fast_step(group, hp, params, grads, states) if group.get("projection") is None else []
-        if done:
-            rest = [i for i in range(len(params)) if i not in set(done)]
+        if len(done) == len(params):
+            params = []
+        elif done:
+            finished = set(done)
+            rest = [i for i in range(len(params)) if i not in finished]
             params, grads, states = [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest]
         if params:
             self._run_chain(group, step, params, grads, states, hp, sstate_keys)

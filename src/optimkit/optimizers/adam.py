@@ -7,6 +7,17 @@ from ..core.optimizer import Optimizer
 from ..transforms import ScaleByAdam, WeightDecay
 
 
+def _seeds_usable(st: dict, m: tuple, v: tuple) -> bool:
+    """Stochastic q8 states: the kernel reads and advances each state's encode counter
+    (an int64 CPU tensor)."""
+    for name, meta in (("exp_avg", m), ("exp_avg_sq", v)):
+        if len(meta) > 3 and meta[3]:
+            seed = st[name + ":seed"]
+            if not (seed.is_cpu and seed.dtype is torch.int64):
+                return False
+    return True
+
+
 class Adam(Optimizer):
     r"""Adam (with the ``amsgrad`` flag: AMSGrad).
 
@@ -44,24 +55,22 @@ class Adam(Optimizer):
             return []
         from ..kernels import q8_adamw
 
-        def eligible(p, g):
-            return (p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32
-                    and p.is_contiguous() and g.is_contiguous())
-
+        f32_dtype = torch.float32
         q8, f32 = [], []
         for i, (p, g, st) in enumerate(zip(params, grads, states)):
-            if not eligible(p, g):
+            # cheapest checks first: this loop runs every step for every tensor
+            if not (p.is_cpu and p.dtype is f32_dtype and g.dtype is f32_dtype
+                    and p.is_contiguous() and g.is_contiguous()):
                 continue
-            lay = st.get("_layout", {})
-            if (lay.get("exp_avg", ("",))[:2] == ("q8", True) and lay.get("exp_avg_sq", ("",))[:2] == ("q8", False)
-                    and st["exp_avg:codes"].device.type == "cpu"
-                    # stochastic rounding: the kernel reads and advances each state's encode counter
-                    and all(st[k + ":seed"].device.type == "cpu" and st[k + ":seed"].dtype == torch.int64
-                            for k in ("exp_avg", "exp_avg_sq") if lay[k][3:4] == (True,))):
-                q8.append(i)
-            elif ("exp_avg" in st and "exp_avg_sq" in st
-                  and st["exp_avg"].device.type == "cpu" and st["exp_avg"].is_contiguous()
-                  and st["exp_avg_sq"].is_contiguous()):
+            lay = st.get("_layout")
+            if lay:
+                m, v = lay.get("exp_avg"), lay.get("exp_avg_sq")
+                if (m is not None and v is not None and m[0] == "q8" and v[0] == "q8" and m[1] and not v[1]
+                        and st["exp_avg:codes"].is_cpu and _seeds_usable(st, m, v)):
+                    q8.append(i)
+                continue
+            m, v = st.get("exp_avg"), st.get("exp_avg_sq")
+            if m is not None and v is not None and m.is_cpu and m.is_contiguous() and v.is_contiguous():
                 f32.append(i)
         if not (group["compile"] or q8):  # eager fp32 groups keep torch's foreach kernels
             f32 = []
