@@ -1,6 +1,8 @@
 """The CPU q8 AdamW kernel against the tensor-op reference path it replaces."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -270,3 +272,33 @@ def test_encoder_gives_the_nearest_code(signed, simd):
     inv = torch.tensor(1.0) / torch.tensor(scale)  # float32, as the kernel computes it
     expected = torch.bucketize(z * inv, mids, right=True)
     assert torch.equal(got, expected)
+
+
+def test_fast_path_plan_follows_a_state_dict_loaded_into_the_same_optimizer():
+    """The fast path keeps packed state pointers between steps; loading a state dict
+    into the same optimizer replaces the state, and the next steps must use it."""
+    params = _params()
+    opt = ok.AdamW(params, lr=1e-3, state_precision="q8")
+    grads = _grads(6)
+    for step_grads in grads[:3]:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    saved = {"params": [p.detach().clone() for p in params], "opt": copy.deepcopy(opt.state_dict())}
+    for step_grads in grads[3:5]:  # wander off
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    with torch.no_grad():
+        for p, s in zip(params, saved["params"]):
+            p.copy_(s)
+    opt.load_state_dict(saved["opt"])
+    fresh_params = [torch.nn.Parameter(s.clone()) for s in saved["params"]]
+    fresh = ok.AdamW(fresh_params, lr=1e-3, state_precision="q8")
+    fresh.load_state_dict(saved["opt"])
+    for o, ps in ((opt, params), (fresh, fresh_params)):
+        for p, g in zip(ps, grads[5]):
+            p.grad = g.clone()
+        o.step()
+    for a, b in zip(params, fresh_params):
+        assert torch.equal(a, b)

@@ -160,6 +160,20 @@ class Optimizer(torch.optim.Optimizer):
         self._placement = placement.Placement(state_dir)
         super().__init__(params, defaults)
 
+    #: per-step caches (compiled kernels, fast-path plans): never copied or pickled
+    _CACHES = ("_kernels", "_fast_plans")
+
+    def __getstate__(self) -> dict:
+        """torch.optim keeps only defaults, state and param groups; an optimkit
+        optimizer also needs its transforms and settings (``copy.deepcopy`` and
+        pickling work). Compiled kernels and fast-path plans are rebuilt on use."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+
+    def __setstate__(self, state: dict) -> None:  # also the last step of load_state_dict
+        super().__setstate__(state)
+        self._kernels = {}
+        self.__dict__.pop("_fast_plans", None)  # they hold the replaced state
+
     @staticmethod
     def _check_overrides(overrides) -> dict[int, str]:
         if overrides is None:
