@@ -127,11 +127,14 @@ def gather(states: list[dict], names: list[str]) -> tuple[dict, tuple]:
     return entries, tuple(signature)
 
 
-def decode(entries: dict, signature: tuple) -> dict[str, TensorList]:
+def decode(entries: dict, signature: tuple, upcast: bool = False) -> dict[str, TensorList]:
+    """Working tensors of every state; ``upcast``: plain (as created) states of
+    another floating dtype are given as fp32 copies too, written back by :func:`encode`."""
     out = {}
     for name, lay in signature:
         row = entries[name]
-        out[name] = TensorList([e if meta is None else _codec_of(meta).decode(e, meta[2], meta[1])
+        out[name] = TensorList([(e.float() if upcast and e.is_floating_point() else e) if meta is None
+                                else _codec_of(meta).decode(e, meta[2], meta[1])
                                 for e, meta in zip(row, lay)])
     return out
 
@@ -141,6 +144,8 @@ def encode(state: dict[str, TensorList], entries: dict, signature: tuple) -> Non
         for x, e, meta in zip(state[name], entries[name], lay):
             if meta is not None:
                 _codec_of(meta).encode_(x, e, meta[1])
+            elif x is not e:  # an upcast copy of a plain state
+                e.copy_(x)
 
 
 def is_encoded(signature: tuple) -> bool:

@@ -408,9 +408,15 @@ class Optimizer(torch.optim.Optimizer):
         to full space first."""
         if static.get("maximize"):
             grads = grads.neg()
-        state = layout.decode(entries, signature)
-        low = bool(static.get("bf16_compensation")) and params[0].dtype == torch.bfloat16
+        # Low-precision (bf16/fp16) parameters with encoded state: encoded states
+        # decode to fp32, so the whole step runs in fp32 (gradients, parameters and
+        # the states kept as created) and is rounded back once at the end.
+        mixed = params[0].dtype != torch.float32 and layout.is_encoded(signature)
+        state = layout.decode(entries, signature, upcast=mixed)
+        low = mixed or (bool(static.get("bf16_compensation")) and params[0].dtype == torch.bfloat16)
         work = TensorList([p.float() for p in params]) if low else params
+        if mixed:
+            grads = TensorList([g.float() for g in grads])
         ctx = Context(params=work, grads=grads, state=state, hp=hp, static=static)
         u = grads
         for t in self._transforms:
@@ -479,10 +485,13 @@ class Optimizer(torch.optim.Optimizer):
         self._kernels.clear()
 
 
-def _round_to_bf16(params, work, mode: str, comp) -> None:
-    """Write fp32 working params back to bf16 params: Kahan-compensated or
-    stochastically rounded."""
-    if mode == "kahan":
+def _round_to_bf16(params, work, mode: str | None, comp) -> None:
+    """Write fp32 working params back to low-precision params: Kahan-compensated or
+    stochastically rounded (bf16 with ``bf16_compensation``), else to nearest."""
+    if params[0].dtype != torch.bfloat16 or not mode:
+        for p, w in zip(params, work):
+            p.copy_(w)
+    elif mode == "kahan":
         for p, w, c in zip(params, work, comp):
             target = w + c.float()           # new value plus the carried rounding error
             rounded = _round_nearest_bf16(target)
