@@ -257,12 +257,11 @@ class Optimizer(torch.optim.Optimizer):
     def _state_for(self, p: Tensor, view: Tensor, group: dict) -> dict:
         state = self.state[p]
         proj = group.get("projection")
-        projected = proj is not None and proj.applies(view)
         if not state:
             state["step"] = 0  # a Python int: no per-parameter tensor op on every step
             override = self._precision_overrides.get(id(p))
             like = view
-            if projected:
+            if proj is not None and proj.applies(view):
                 save_projector_state(state, proj.init(view))
                 like = view.new_zeros(proj.subspace_shape(view))
             for t in self._transforms:
@@ -277,7 +276,8 @@ class Optimizer(torch.optim.Optimizer):
             if group["bf16_compensation"] == "kahan" and view.dtype == torch.bfloat16:
                 state[KAHAN_KEY] = torch.zeros_like(view)
             self._placement.place(state, group["state_placement"])
-        elif projected and proj.resets_state and state["step"] and proj.refreshes(state["step"] + 1):
+        elif (proj is not None and proj.resets_state and state["step"] and proj.applies(view)
+              and proj.refreshes(state["step"] + 1)):
             self._reset_rule_state(state, view.new_zeros(proj.subspace_shape(view)), group)
         return state
 

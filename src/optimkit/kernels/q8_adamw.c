@@ -543,6 +543,36 @@ void q8_encode_sr(const float *x, int64_t n, float scale, uint8_t *codes, const 
     encode_sr_block(x, scale, codes, done, n, values, enc, is_signed, (uint64_t)index0, phi);
 }
 
+#ifdef HAVE_AVX512
+#define SIMD_TABLES(regs) &(regs), &dt
+#else
+#define SIMD_TABLES(regs) NULL, NULL
+#endif
+
+/* Encode one state's block: stochastically at the state's seed (when it has
+ * one), else to nearest; vector lanes first where available, then the rest. */
+static inline void encode_state_block(const float *restrict x, float scale, uint8_t *restrict codes, int64_t len,
+                                      const int64_t *seed, const float *restrict values,
+                                      const float *restrict enc, int is_signed, uint64_t index0,
+                                      const void *regs, const void *tables) {
+    int64_t done = 0;
+    (void)regs;
+    (void)tables;
+    if (seed) {
+        uint32_t phi = seed_phi(*seed);
+#ifdef HAVE_AVX512
+        done = encode_sr_block_avx512(x, scale, codes, len, (const enc_regs *)regs, (const dec_tables *)tables,
+                                      enc, is_signed, index0, phi);
+#endif
+        encode_sr_block(x, scale, codes, done, len, values, enc, is_signed, index0, phi);
+    } else {
+#ifdef HAVE_AVX512
+        done = encode_block_avx512(x, scale, codes, len, (const enc_regs *)regs, enc, is_signed);
+#endif
+        encode_block(x, scale, codes, done, len, enc, is_signed);
+    }
+}
+
 /* One call for a list of tensors: one parallel region over all their blocks
  * (not one per tensor), each block finding its tensor by a binary search
  * over the block offsets. */
@@ -596,32 +626,10 @@ void adamw_q8_step(int64_t ntensors, float **ps, const float **gs, uint8_t **mcs
         mabs[b] = mmax;
         vabs[b] = vmax;
         float ms = mmax > tiny ? mmax : tiny, vs = vmax > tiny ? vmax : tiny;
-        int64_t me = 0, ve = 0;
-        const int64_t *msd = mseeds ? mseeds[t] : NULL, *vsd = vseeds ? vseeds[t] : NULL;
-        if (msd) {              /* stochastic rounding, at this step's seed */
-            uint32_t phi = seed_phi(*msd);
-#ifdef HAVE_AVX512
-            me = encode_sr_block_avx512(mb, ms, mc + start, len, &se, &dt, senc, 1, (uint64_t)start, phi);
-#endif
-            encode_sr_block(mb, ms, mc + start, me, len, smap, senc, 1, (uint64_t)start, phi);
-        } else {
-#ifdef HAVE_AVX512
-            me = encode_block_avx512(mb, ms, mc + start, len, &se, senc, 1);
-#endif
-            encode_block(mb, ms, mc + start, me, len, senc, 1);
-        }
-        if (vsd) {
-            uint32_t phi = seed_phi(*vsd);
-#ifdef HAVE_AVX512
-            ve = encode_sr_block_avx512(vb, vs, vc + start, len, &ue, &dt, uenc, 0, (uint64_t)start, phi);
-#endif
-            encode_sr_block(vb, vs, vc + start, ve, len, umap, uenc, 0, (uint64_t)start, phi);
-        } else {
-#ifdef HAVE_AVX512
-            ve = encode_block_avx512(vb, vs, vc + start, len, &ue, uenc, 0);
-#endif
-            encode_block(vb, vs, vc + start, ve, len, uenc, 0);
-        }
+        encode_state_block(mb, ms, mc + start, len, mseeds ? mseeds[t] : NULL, smap, senc, 1,
+                           (uint64_t)start, SIMD_TABLES(se));
+        encode_state_block(vb, vs, vc + start, len, vseeds ? vseeds[t] : NULL, umap, uenc, 0,
+                           (uint64_t)start, SIMD_TABLES(ue));
     }
     }
     /* each encode advances its state's counter (after every block has read it) */

@@ -196,13 +196,18 @@ def _tables():
     return _TABLES["s"], _TABLES["u"]
 
 
-def encode_codes(y: Tensor, signed: bool, scale: float = 1.0, simd: bool = True) -> Tensor:
-    """The kernel's nearest-code encoder alone: uint8 codes of ``y / scale`` (for tests)."""
+def _encoder_io(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat contiguous float32 input and a uint8 output for the encoder entry points."""
     if _compile() is None:
         raise RuntimeError("the q8 kernel is not available")
     y = y.detach().to(torch.float32).contiguous().view(-1)
+    return y, torch.empty(y.numel(), dtype=torch.uint8)
+
+
+def encode_codes(y: Tensor, signed: bool, scale: float = 1.0, simd: bool = True) -> Tensor:
+    """The kernel's nearest-code encoder alone: uint8 codes of ``y / scale`` (for tests)."""
+    y, out = _encoder_io(y)
     (_, senc), (_, uenc) = _tables()
-    out = torch.empty(y.numel(), dtype=torch.uint8)
     _lib.q8_encode(y.data_ptr(), y.numel(), scale, out.data_ptr(), (senc if signed else uenc).data_ptr(),
                    int(signed), int(simd))
     return out
@@ -212,11 +217,8 @@ def encode_codes_stochastic(y: Tensor, signed: bool, seed: int, scale: float = 1
                             simd: bool = True) -> Tensor:
     """The kernel's stochastic encoder alone: uint8 codes of ``y / scale``, ``y[k]`` being
     element ``index0 + k`` of its tensor, at encode number ``seed`` (for tests)."""
-    if _compile() is None:
-        raise RuntimeError("the q8 kernel is not available")
-    y = y.detach().to(torch.float32).contiguous().view(-1)
+    y, out = _encoder_io(y)
     (smap, senc), (umap, uenc) = _tables()
-    out = torch.empty(y.numel(), dtype=torch.uint8)
     _lib.q8_encode_sr(y.data_ptr(), y.numel(), scale, out.data_ptr(), (smap if signed else umap).data_ptr(),
                       (senc if signed else uenc).data_ptr(), int(signed), seed, index0, int(simd))
     return out
