@@ -155,13 +155,15 @@ class Optimizer(torch.optim.Optimizer):
             from ..transforms.cautious import Cautious
             self._transforms.append(Cautious())
         self._kernels: dict[Any, Callable] = {}
+        #: scratch of fast_step implementations (e.g. packed pointers), dropped on load and copy
+        self._fast_cache: dict[Any, Any] = {}
         self._nonnegative = frozenset(n for t in self._transforms for n in getattr(t, "nonnegative", ()))
         self._precision_overrides = self._check_overrides(state_precision_overrides)
         self._placement = placement.Placement(state_dir)
         super().__init__(params, defaults)
 
-    #: per-step caches (compiled kernels, fast-path plans): never copied or pickled
-    _CACHES = ("_kernels", "_fast_plans")
+    #: per-step caches (compiled kernels, fast_step's scratch): never copied or pickled
+    _CACHES = ("_kernels", "_fast_cache")
 
     def __getstate__(self) -> dict:
         """torch.optim keeps only defaults, state and param groups; an optimkit
@@ -172,7 +174,7 @@ class Optimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:  # also the last step of load_state_dict
         super().__setstate__(state)
         self._kernels = {}
-        self.__dict__.pop("_fast_plans", None)  # they hold the replaced state
+        self._fast_cache = {}  # it may hold the replaced state
 
     @staticmethod
     def _check_overrides(overrides) -> dict[int, str]:
@@ -384,7 +386,7 @@ class Optimizer(torch.optim.Optimizer):
                           hp=hp_eager, static=static)
             self.apply(TensorList(full), ctx)
             if work[0] is not params[0]:
-                _round_to_bf16(params, work, static["bf16_compensation"], comp)
+                _write_back(params, work, static["bf16_compensation"], comp)
 
     def _launch(self, group, params, grads, entries, signature, static, dyn_names, dyn_values, comp):
         """Run the kernel, eagerly or compiled; returns the update if it was not applied."""
@@ -426,7 +428,7 @@ class Optimizer(torch.optim.Optimizer):
             return list(dense(u)), list(work)
         self.apply(u, ctx)
         if low:
-            _round_to_bf16(params, work, static["bf16_compensation"], comp)
+            _write_back(params, work, static["bf16_compensation"], comp)
         return None
 
     def _compiled_kernel(self, static: dict, dyn_names: list, signature: tuple) -> Callable:
@@ -485,7 +487,7 @@ class Optimizer(torch.optim.Optimizer):
         self._kernels.clear()
 
 
-def _round_to_bf16(params, work, mode: str | None, comp) -> None:
+def _write_back(params, work, mode: str | None, comp) -> None:
     """Write fp32 working params back to low-precision params: Kahan-compensated or
     stochastically rounded (bf16 with ``bf16_compensation``), else to nearest."""
     if params[0].dtype != torch.bfloat16 or not mode:

@@ -74,7 +74,7 @@ class Adam(Optimizer):
         """Which tensors of the bucket take which kernel, with their states packed for
         C; reused while the bucket's state dicts and storage tensors are the same
         objects (the checks cost a few us; rebuilding it ~0.2 ms on 87 tensors)."""
-        cache = self.__dict__.setdefault("_fast_plans", {})  # one plan per group: old states are let go
+        cache = self._fast_cache  # one plan per group: replaced states are let go
         plan = cache.get(id(group))
         if plan is None or plan.group is not group or not plan.still_valid(params, grads, states):
             plan = cache[id(group)] = _FastPlan.build(group, params, grads, states)

@@ -70,7 +70,7 @@ class SubspaceMomentum(Transform):
                 m.zero_()
             r = project_down(g, side, pstate)
             m.lerp_(r, 1 - b1)
-            return project_up(m, side, pstate).add_(g).sub_(project_up(r, side, pstate))
+            return project_up(m - r, side, pstate).add_(g)  # up(M) + (G - up(R)), one product
 
         return u.map(one, ctx.state[self.m_key], ctx.state[self.basis_key])
 
