@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import Tensor
 
-from . import layout, placement, registry
+from . import checkpoint, layout, placement, registry
 from ..projection.base import projector_state, save_projector_state, validate_projection
 from .tensorlist import Ratio, TensorList, dense
 from .transform import Context, Transform
@@ -103,6 +103,9 @@ class Optimizer(torch.optim.Optimizer):
     #: the rule couples the tensors of a group (e.g. a group-wide norm), so the
     #: group cannot be stepped one tensor at a time
     group_coupled: ClassVar[bool] = False
+    #: the torch.optim counterpart keeps a step count in its state (SGD keeps none:
+    #: its state dicts load as step 1, which is all a heavy-ball buffer needs)
+    torch_state_has_step: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -455,19 +458,31 @@ class Optimizer(torch.optim.Optimizer):
             ctx.params.sub_(u, alpha=lr)
 
     # ------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict:
+        """torch.optim's state dict, with plain values only (projections described
+        by their settings), so that ``torch.load(f)``'s default reads it back."""
+        return checkpoint.saveable(super().state_dict())
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict; tensors are copied and keep their saved dtype.
 
+        The whole dict is validated first (group sizes and hyperparameters by the
+        constructor's rules; every state's keys, shapes, dtypes, codec layouts and
+        step counts against a fresh state of this optimizer): a bad dict raises
+        ``ValueError`` naming the problem and changes nothing. ``torch.optim``
+        state dicts of the same algorithm load too (see :mod:`optimkit.core.checkpoint`).
         (torch.optim casts floating state to the parameter dtype; optimkit
         keeps the stored precision, which is part of the optimizer state.)
         """
-        state_dict = dict(state_dict)
+        state_dict = checkpoint.prepare(self, state_dict)
         saved_state = {k: {kk: (vv.clone() if isinstance(vv, Tensor) else copy.deepcopy(vv))
                            for kk, vv in v.items()}
                        for k, v in state_dict["state"].items()}
         state_dict["state"] = saved_state
         saved_groups = state_dict["param_groups"]
         super().load_state_dict(state_dict)
+        for group, saved in zip(self.param_groups, saved_groups):  # torch deep-copies the groups
+            group["projection"] = saved["projection"]
         id_map = dict(zip(itertools.chain.from_iterable(g["params"] for g in saved_groups),
                           itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
         for pid, values in saved_state.items():

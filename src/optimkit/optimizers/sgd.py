@@ -24,6 +24,7 @@ class SGD(Optimizer):
     reference = "torch.optim.SGD"
     state_bytes = 4  # with momentum; 0 without
     has_momentum = True
+    torch_state_has_step = False
     defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)
 
     def check(self, group):
