@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core.validation import nonneg, positive
-from .galore import ProjectionConfig, choice, positive_int, refresh_due, side_of
+from .galore import ProjectionConfig, basis_dtype, choice, positive_int, refresh_due, side_of
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 
@@ -61,6 +61,11 @@ class APOLLO(ProjectionConfig):
     State per projected m x n matrix (m >= n): the rule's state of shape
     m x rank, plus ``proj:seed`` (int64) and ``proj:norm`` (the last update's
     norm for the limiter): AdamW costs ``8 rank / n`` bytes per parameter.
+    The projection matrix is drawn and applied in fp32 (fp64 for fp64
+    parameters) whatever the parameter dtype; with bf16/fp16 parameters the
+    rule sees the projected gradient in the parameter dtype, and the scaling,
+    the limiter and the full-space update are computed in fp32 (the update is
+    rounded once into the parameter).
 
     Paper: Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance"
     (MLSys 2025). Checked against ``apollo_torch.APOLLOAdamW`` (pip
@@ -103,11 +108,16 @@ class APOLLO(ProjectionConfig):
             pstate["seed"] = torch.tensor(next_seed(int(pstate["seed"])), dtype=torch.int64)
         seed = int(pstate["seed"])
         m, n = g.shape
+        dtype = basis_dtype(g.dtype)
         if side_of(g.shape, "std") == "right":
-            return g @ gaussian_projector((self.rank, n), seed, self.rank, g.device, g.dtype).T
-        return gaussian_projector((m, self.rank), seed, self.rank, g.device, g.dtype).T @ g
+            r = g.to(dtype) @ gaussian_projector((self.rank, n), seed, self.rank, g.device, dtype).T
+        else:
+            r = gaussian_projector((m, self.rank), seed, self.rank, g.device, dtype).T @ g.to(dtype)
+        return r.to(g.dtype)
 
     def back(self, u: Tensor, r: Tensor, g: Tensor, pstate: dict[str, Tensor], step: int) -> Tensor:
+        dtype = basis_dtype(g.dtype)
+        u, r, g = u.to(dtype), r.to(dtype), g.to(dtype)
         if self.mode == "channel":
             dim = 1 if side_of(g.shape, "std") == "right" else 0
             s = (torch.linalg.vector_norm(u, dim=dim, keepdim=True)
@@ -120,7 +130,7 @@ class APOLLO(ProjectionConfig):
             out = out * root
         if self.limiter is not None:
             gamma = self.limiter
-            norm = torch.linalg.vector_norm(out, dtype=torch.float32)
+            norm = torch.linalg.vector_norm(out)
             ratio = norm / (pstate["norm"] + 1e-8)
             shrink = torch.where(ratio > gamma, ratio / gamma, torch.ones_like(ratio))
             out = out / shrink.to(out.dtype)

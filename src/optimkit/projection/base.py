@@ -15,6 +15,13 @@ seeds, norms) lives in the parameter's optimizer state under ``"proj:<name>"``
 keys, so it is checkpointed and resumed with everything else. Projection runs
 eagerly around the (possibly compiled) rule: SVDs and QRs do not belong in a
 fused elementwise kernel.
+
+Precision: projector bases are kept in fp32, or in the parameter dtype when it
+is wider (fp64); see :func:`optimkit.projection.galore.basis_dtype`. For
+bf16/fp16 parameters ``project`` computes in fp32 and returns the projected
+gradient in the parameter dtype (the rule sees what a full-space gradient
+would be); ``back`` computes in fp32 and returns an fp32 update, which the
+facade applies to the parameter with a single rounding.
 """
 from __future__ import annotations
 

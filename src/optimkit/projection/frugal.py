@@ -50,6 +50,10 @@ class FRUGAL(ProjectionConfig):
 
     State per projected m x n matrix (m >= n): the rule's state of shape m x k,
     plus the basis ``proj:Q`` (k x n) (and ``proj:seed`` for ``"random"``).
+    As for :class:`GaLore`, the basis is kept in fp32 (fp64 for fp64
+    parameters): with bf16/fp16 parameters the projections, the residual and
+    the full-space update are computed in fp32; the rule sees the projected
+    gradient in the parameter dtype.
 
     Paper: Zmushko et al., "FRUGAL: Memory-Efficient Optimization by Reducing
     State Overhead for Scalable Training" (2024). Checked against a step written
@@ -110,14 +114,14 @@ class FRUGAL(ProjectionConfig):
                 svd_basis(g, self._k(g.shape), side, pstate)
             else:
                 self._random_basis(g, side, pstate)
-        return project_down(g, side, pstate)
+        return project_down(g, side, pstate).to(g.dtype)
 
     def back(self, u: Tensor, r: Tensor, g: Tensor, pstate: dict[str, Tensor], step: int) -> Tensor:
         side = side_of(g.shape, self.side)
         out = project_up(u, side, pstate)
         if self.residual is None:
             return out
-        rest = g - project_up(r, side, pstate)
+        rest = g.to(out.dtype) - project_up(r, side, pstate)
         if self.residual == "signsgd":
             rest = rest.sign()
         return out.add_(rest, alpha=self.residual_lr_scale)

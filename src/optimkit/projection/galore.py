@@ -32,7 +32,17 @@ def side_of(shape, proj_type: str) -> str:
     return proj_type
 
 
+def basis_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype projector bases are kept and applied in: float32, or the parameter's
+    dtype when that is wider (float64). bf16/fp16 parameters get fp32 bases, so the
+    products with the basis are computed in fp32 and rounded once."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def project_down(g: Tensor, side: str, pstate: dict[str, Tensor]) -> Tensor:
+    """``R = down(G)``, computed (and returned) in the basis dtype."""
+    b = pstate["Q"] if side == "right" else pstate["P"]
+    g = g.to(b.dtype)
     if side == "right":
         return g @ pstate["Q"].T
     if side == "left":
@@ -41,6 +51,9 @@ def project_down(g: Tensor, side: str, pstate: dict[str, Tensor]) -> Tensor:
 
 
 def project_up(u: Tensor, side: str, pstate: dict[str, Tensor]) -> Tensor:
+    """``up(U)``, computed (and returned) in the basis dtype."""
+    b = pstate["Q"] if side == "right" else pstate["P"]
+    u = u.to(b.dtype)
     if side == "right":
         return u @ pstate["Q"]
     if side == "left":
@@ -60,11 +73,12 @@ def svd_basis(g: Tensor, k: int, side: str, pstate: dict[str, Tensor]) -> None:
 
 def basis_state(p: Tensor, k: int, side: str) -> dict[str, Tensor]:
     m, n = p.shape
+    dtype = basis_dtype(p.dtype)
     st = {}
     if side in ("left", "full"):
-        st["P"] = p.new_zeros((m, k))
+        st["P"] = torch.zeros((m, k), dtype=dtype, device=p.device)
     if side in ("right", "full"):
-        st["Q"] = p.new_zeros((k, n))
+        st["Q"] = torch.zeros((k, n), dtype=dtype, device=p.device)
     return st
 
 
@@ -118,8 +132,13 @@ class GaLore(ProjectionConfig):
     ``"left"``, ``"right"``, or ``"full"`` (both sides: ``R = P^T G Q^T``, k x k).
 
     State per projected m x n matrix (m >= n): the rule's state of shape m x k
-    plus ``proj:Q`` (k x n), in the parameter dtype (the SVD itself runs in
-    fp32). For AdamW: ``4 (2 m k + k n)`` bytes instead of ``8 m n``.
+    plus ``proj:Q`` (k x n). The basis is kept in fp32 (fp64 for fp64
+    parameters), whatever the parameter dtype: for bf16/fp16 parameters the
+    SVD, the projection ``G Q^T`` and the map back ``U Q`` run in fp32; the
+    projected gradient is handed to the rule in the parameter dtype (as a
+    full-space gradient would be) and the full-space update is applied in fp32
+    and rounded once into the parameter. For fp32 AdamW: ``4 (2 m k + k n)``
+    bytes instead of ``8 m n``.
 
     Pitfalls (as the reference): the rule's state (e.g. Adam's moments) is
     *not* re-projected when the subspace changes; the scale defaults to 0.25
@@ -151,8 +170,8 @@ class GaLore(ProjectionConfig):
         side = side_of(g.shape, self.proj_type)
         if refresh_due(step, self.interval):
             svd_basis(g, self._k(g.shape), side, pstate)
-        return project_down(g, side, pstate)
+        return project_down(g, side, pstate).to(g.dtype)
 
     def back(self, u: Tensor, r: Tensor, g: Tensor, pstate: dict[str, Tensor], step: int) -> Tensor:
         out = project_up(u, side_of(g.shape, self.proj_type), pstate)
-        return out * self.scale if self.scale != 1.0 else out
+        return out.mul_(self.scale) if self.scale != 1.0 else out
