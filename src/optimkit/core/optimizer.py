@@ -29,7 +29,7 @@ from . import checkpoint, layout, placement, registry
 from ..projection.base import projector_state, save_projector_state, validate_projection
 from .tensorlist import Ratio, TensorList, dense
 from .transform import Context, Transform
-from .validation import RULES, choice, nonneg_int, optional, validate_group
+from .validation import RULES, as_numbers, choice, nonneg_int, optional, validate_group
 
 #: Options every optimizer accepts, besides its own hyperparameters.
 COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "compile": False,
@@ -150,10 +150,10 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError("params argument given to the optimizer should be an iterable of "
                             f"Tensors or dicts, but got {torch.typename(params)}")
         defaults = validate_group({**allowed, **hyperparameters}, allowed, self.rules)
-        self.check(defaults)
+        self.check(as_numbers(defaults))
         placement.check_state_dir(defaults, state_dir)
         self._transforms: list[Transform] = list(self.build())
-        self._check_projection(defaults)
+        self._check_projection(as_numbers(defaults))
         if self.has_momentum:
             from ..transforms.cautious import Cautious
             self._transforms.append(Cautious())
@@ -219,8 +219,8 @@ class Optimizer(torch.optim.Optimizer):
         allowed = self.all_defaults()
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k in allowed}}
         validated = validate_group(merged, allowed, self.rules)
-        self.check(validated)
-        self._check_projection(validated)
+        self.check(as_numbers(validated))
+        self._check_projection(as_numbers(validated))
         placement.check_state_dir(validated, self._placement.root)
         param_group = dict(param_group)
         param_group.update(validated)
@@ -335,9 +335,12 @@ class Optimizer(torch.optim.Optimizer):
         s0 = states[0]
         sstate_keys = [k for t in self._transforms for k in getattr(t, "scalar_state", {})]
         sstate = {k: float(s0[k]) for k in sstate_keys}
-        hp: dict[str, Any] = {k: v for k, v in group.items() if k != "params"}
+        # tensor hyperparameters (lr, betas: schedulers may write tensors) are read as
+        # Python floats once per step: the same kernels and results as float values
+        numbers = as_numbers(group)
+        hp: dict[str, Any] = {k: v for k, v in numbers.items() if k != "params"}
         for t in self._transforms:
-            hp.update(t.scalars(group, step, sstate))
+            hp.update(t.scalars(numbers, step, sstate))
         all_states = states
         done = self.fast_step(group, hp, params, grads, states) if group.get("projection") is None else []
         if len(done) == len(params):

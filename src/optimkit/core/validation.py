@@ -9,7 +9,12 @@ import torch
 
 
 def _real(name: str, value: Any) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must have one element, "
+                             f"got shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
@@ -143,16 +148,55 @@ def _by_type(default: Any) -> Callable:
     return lambda name, value: value
 
 
+#: hyperparameters that may be given as one-element tensors and stay tensors in the
+#: param group (as torch.optim keeps them: schedulers write or ``fill_`` them in place)
+TENSOR_KEYS = ("lr", "betas")
+
+
+def _keep_tensors(given: Any, checked: Any) -> Any:
+    """The validated value, with the tensors of ``given`` kept in place of their numbers."""
+    if isinstance(given, torch.Tensor) and isinstance(checked, float):
+        return given
+    if (isinstance(given, (tuple, list)) and isinstance(checked, tuple) and len(given) == len(checked)
+            and any(isinstance(x, torch.Tensor) for x in given)):
+        return tuple(g if isinstance(g, torch.Tensor) and isinstance(c, float) else c
+                     for g, c in zip(given, checked))
+    return checked
+
+
+def as_number(value: Any) -> Any:
+    """A hyperparameter as the kernels take it: one-element tensors (also inside a
+    tuple) become Python floats; anything else is returned as is."""
+    if isinstance(value, torch.Tensor):
+        return float(value)
+    if isinstance(value, tuple) and any(isinstance(x, torch.Tensor) for x in value):
+        return tuple(float(x) if isinstance(x, torch.Tensor) else x for x in value)
+    return value
+
+
+def as_numbers(group: dict) -> dict:
+    """``group`` with :func:`as_number` applied to every value (``group`` itself if
+    nothing needs converting)."""
+    if not any(isinstance(v, torch.Tensor) or (isinstance(v, tuple) and any(isinstance(x, torch.Tensor) for x in v))
+               for v in group.values()):
+        return group
+    return {k: (v if k == "params" else as_number(v)) for k, v in group.items()}
+
+
 def validate_group(group: dict, defaults: dict, rules: dict[str, Callable]) -> dict:
     """Return a validated copy of the hyperparameters in ``group``.
 
     Every key of ``defaults`` is checked (with the group's value if given,
     else the default). Keys unknown to the optimizer are left alone, as in
-    torch.optim, so that users can tag groups (e.g. ``name``).
+    torch.optim, so that users can tag groups (e.g. ``name``). A one-element
+    real tensor given for a key of :data:`TENSOR_KEYS` (``lr``, each of
+    ``betas``) is checked by its value and kept as that tensor object; other
+    tensors are replaced by their value.
     """
     out = {}
     for key, default in defaults.items():
         value = group.get(key, default)
         rule = rules.get(key) or RULES.get(key) or _by_type(default)
-        out[key] = rule(key, value)
+        checked = rule(key, value)
+        out[key] = _keep_tensors(value, checked) if key in TENSOR_KEYS else checked
     return out

@@ -61,8 +61,8 @@ class Adam(Optimizer):
         plan = self._fast_plan(group, params, grads, states)
         if plan is None:
             return []
-        common = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                      weight_decay=group["weight_decay"], bc1=hp["bc1"], bc2_sqrt=hp["bc2_sqrt"])
+        common = dict(lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1], eps=hp["eps"],
+                      weight_decay=hp["weight_decay"], bc1=hp["bc1"], bc2_sqrt=hp["bc2_sqrt"])
         if plan.q8:
             q8_adamw.step([params[i] for i in plan.q8], [grads[i] for i in plan.q8], plan.q8_packed, **common)
         if plan.f32:

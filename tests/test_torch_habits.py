@@ -1,0 +1,127 @@
+"""torch.optim habits that optimkit optimizers must keep (patterns from PyTorch's
+own optimizer tests): tensor hyperparameters, float64 compiled steps, sparse
+gradients, clear errors for parameters a compiled step cannot take."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import optimkit as ok
+from optimkit.kernels import q8_adamw
+from helpers import grad_stream, make_params, run_with_grads, two_groups
+from optimizer_cases import contract_hp
+
+NAMES = ok.available()
+#: fewer tensors where a test compiles (compile time grows with the tensors of a group)
+SMALL = [(5, 3), (7,)]
+
+
+def _tensor_hp(name: str) -> tuple[dict, dict]:
+    """(hyperparameters with lr and betas as 0-d tensors, the same as Python floats)."""
+    hp = contract_hp(name)
+    defaults = ok.info(name).defaults
+    lr = torch.tensor(hp.get("lr", defaults["lr"]))
+    tensors, floats = dict(hp, lr=lr), dict(hp, lr=lr.item())
+    if isinstance(defaults.get("betas"), tuple):
+        betas = tuple(torch.tensor(b) for b in hp.get("betas", defaults["betas"]))
+        tensors["betas"], floats["betas"] = betas, tuple(b.item() for b in betas)
+    return tensors, floats
+
+
+# ---------------------------------------------------------------- (a) tensor hyperparameters
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_and_betas_equal_their_float_values(name):
+    tensors, floats = _tensor_hp(name)
+    a, b = make_params(), make_params()
+    opt_t = ok.create(name, a, **tensors)
+    opt_f = ok.create(name, b, **floats)
+    group = opt_t.param_groups[0]
+    assert group["lr"] is tensors["lr"]  # kept, as torch.optim keeps it
+    if "betas" in tensors:
+        assert all(x is y for x, y in zip(group["betas"], tensors["betas"]))
+    for i, grads in enumerate(grad_stream(a, 6)):
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_t.step()
+        opt_f.step()
+        if i == 2:  # a scheduler that writes the tensor in place
+            group["lr"].fill_(group["lr"] * 0.5)
+            opt_f.param_groups[0]["lr"] = group["lr"].item()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q), name
+
+
+def test_per_group_tensor_lrs_follow_a_torch_scheduler():
+    a, b = make_params(), make_params()
+    opt_t = ok.AdamW(two_groups(a, lr=torch.tensor(3e-3)), lr=torch.tensor(1e-2))
+    opt_f = ok.AdamW(two_groups(b, lr=torch.tensor(3e-3).item()), lr=torch.tensor(1e-2).item())
+    sched_t = torch.optim.lr_scheduler.StepLR(opt_t, step_size=1, gamma=0.5)
+    sched_f = torch.optim.lr_scheduler.StepLR(opt_f, step_size=1, gamma=0.5)
+    lrs = [g["lr"] for g in opt_t.param_groups]
+    for grads in grad_stream(a, 5):
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_t.step()
+        opt_f.step()
+        sched_t.step()
+        sched_f.step()
+    assert [g["lr"] for g in opt_t.param_groups] == lrs  # filled in place, same objects
+    assert all(isinstance(g["lr"], torch.Tensor) for g in opt_t.param_groups)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lion"])
+def test_compiled_tensor_lr_equals_eager_without_recompiling(name):
+    import torch._dynamo
+
+    with q8_adamw.disabled():  # the Inductor kernel, not the C fast path
+        _compiled_tensor_lr_run(name, torch._dynamo)
+
+
+def _compiled_tensor_lr_run(name, dynamo):
+    tensors, floats = _tensor_hp(name)
+    a, b = make_params(SMALL), make_params(SMALL)
+    opt_c = ok.create(name, a, compile=True, **tensors)
+    opt_e = ok.create(name, b, **floats)
+    lr = opt_c.param_groups[0]["lr"]
+    stream = grad_stream(a, 6)
+    run_with_grads(opt_c, a, stream[:1])  # compiles
+    run_with_grads(opt_e, b, stream[:1])
+    with dynamo.config.patch(error_on_recompile=True):
+        for grads in stream[1:]:
+            lr.fill_(lr * 0.7)
+            opt_e.param_groups[0]["lr"] = lr.item()
+            run_with_grads(opt_c, a, [grads])
+            run_with_grads(opt_e, b, [grads])
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("value,exc", [(torch.tensor([1e-3, 2e-3]), ValueError), (torch.tensor(-1e-3), ValueError),
+                                       (torch.tensor(1e-3 + 0j), TypeError), (torch.tensor(True), TypeError)])
+def test_bad_tensor_lr_is_refused_naming_it(value, exc):
+    params = make_params()
+    with pytest.raises(exc, match="lr"):
+        ok.AdamW(params, lr=value)
+    opt = ok.AdamW(params[:2])
+    with pytest.raises(exc, match="lr"):
+        opt.add_param_group({"params": params[2:], "lr": value})
+    assert len(opt.param_groups) == 1
+
+
+def test_bad_tensor_beta_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        ok.AdamW(make_params(), betas=(torch.tensor(0.9), torch.tensor(1.0)))
+
+
+def test_one_element_tensor_lr_is_accepted():
+    a, b = make_params(), make_params()
+    opt_t = ok.SGD(a, lr=torch.tensor([0.1]), momentum=0.9)
+    opt_f = ok.SGD(b, lr=torch.tensor(0.1).item(), momentum=0.9)
+    stream = grad_stream(a, 3)
+    run_with_grads(opt_t, a, stream)
+    run_with_grads(opt_f, b, stream)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
