@@ -8,6 +8,7 @@
 from . import optimizers as _optimizers  # registers every optimizer
 from .core import Optimizer, Transform, available, create, info
 from .core.memory import memory_report, state_bytes
+from .optimizers.muon import muon_param_groups
 from .projection import APOLLO, FRUGAL, APOLLOMini, GaLore, Projection
 from .core.registry import _REGISTRY
 
@@ -17,5 +18,5 @@ for _cls in _REGISTRY.values():
     globals()[_cls.__name__] = _cls
 
 __all__ = sorted(["APOLLO", "APOLLOMini", "FRUGAL", "GaLore", "Optimizer", "Projection", "Transform", "available", "create", "info", "memory_report",
-                  "state_bytes"]
+                  "muon_param_groups", "state_bytes"]
                  + [c.__name__ for c in _REGISTRY.values()])
