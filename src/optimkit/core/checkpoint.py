@@ -127,7 +127,7 @@ def _fail(msg: str):
 
 def _groups(opt: Optimizer, state_dict: Any) -> list[dict]:
     """Validated copies of the saved groups (params kept as saved)."""
-    from .validation import validate_group
+    from .validation import as_numbers, validate_group
 
     if not isinstance(state_dict, dict):
         _fail(f"expected a dict, got {type(state_dict).__name__}")
@@ -157,8 +157,8 @@ def _groups(opt: Optimizer, state_dict: Any) -> list[dict]:
         merged["projection"] = _restore_projection(merged.get("projection"), mine.get("projection"), where)
         try:
             validated = validate_group(merged, allowed, opt.rules)
-            opt.check(validated)
-            opt._check_projection(validated)
+            opt.check(as_numbers(validated))
+            opt._check_projection(as_numbers(validated))
         except (TypeError, ValueError) as e:
             raise StateDictError(f"Invalid state dict: {where}: {e}") from e
         if validated.get("state_placement") == "disk" and opt._placement.root is None:
