@@ -264,9 +264,9 @@ def muon_param_groups(model: nn.Module, *, muon: dict | None = None, adamw: dict
         split: ``{parameter or module name: k}``: those matrices are orthogonalized
             as ``k`` blocks of rows (fused QKV: 3), in a Muon group with ``split=k``.
 
-    Returns the non-empty groups: Muon groups first (one per distinct
-    ``reshape``/``split``), then the AdamW group. Pass them to ``Muon(...)``
-    (constructor keywords are the defaults the groups override).
+    Returns the non-empty groups: Muon groups first (the plain one, then one per
+    other ``reshape``/``split`` in model order), then the AdamW group. Pass them
+    to ``Muon(...)`` (constructor keywords are the defaults the groups override).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -317,7 +317,9 @@ def muon_param_groups(model: nn.Module, *, muon: dict | None = None, adamw: dict
         key = ("flatten" if pid in conv1d_ids and p.dim() == 3 else None, splits.get(pid, 1))
         muon_groups.setdefault(key, []).append(p)
     groups = []
-    for (reshape, k), params in muon_groups.items():
+    keys = sorted(muon_groups, key=lambda key: key != (None, 1))  # the plain group first (stable)
+    for reshape, k in keys:
+        params = muon_groups[(reshape, k)]
         group = {"params": params, "use_muon": True, **muon_hp}
         if reshape is not None:
             group["reshape"] = reshape

@@ -200,9 +200,11 @@ class OrthogonalizedMomentum(Transform):
         out = []
         for p, x in zip(ctx.params, d):
             shape = matrix_shape(x.shape, st["reshape"], st["split"])
-            o = newton_schulz(x.reshape(shape), coefficients, hp["eps"], dtype).reshape(x.shape).to(p.dtype)
+            o = newton_schulz(x.reshape(shape), coefficients, hp["eps"], dtype).reshape(x.shape)
             ratio = lr_ratio(shape[-2], shape[-1], st["adjust_lr_fn"])
-            out.append(o if ratio == 1.0 else o.mul_(ratio))
+            if ratio != 1.0:  # scaled in the wider of the two dtypes, rounded once to p's
+                o = o.to(torch.promote_types(o.dtype, p.dtype)) * ratio
+            out.append(o.to(p.dtype))
         return TensorList(out)
 
 
