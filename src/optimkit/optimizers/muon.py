@@ -105,7 +105,7 @@ class Muon(Optimizer):
       2-D weight), orthogonalized and lr-adjusted as separate matrices: ``split=3``
       for a fused QKV projection, ``3 * n_heads`` per head.
     * ``use_muon``, ``adamw_betas`` (default ``(0.9, 0.95)``, as Keller Jordan's
-      and Moonlight's), ``adamw_eps`` (default ``1e-8``).
+      ``MuonWithAuxAdam``), ``adamw_eps`` (default ``1e-8``, as torch's AdamW).
 
     Complex parameters are refused in Muon groups (``TypeError``, as torch's
     Muon refuses them); in ``use_muon=False`` groups they take AdamW on their real
