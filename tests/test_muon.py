@@ -323,7 +323,7 @@ def test_per_iteration_schedule_and_its_last_triple_repeating():
     assert schedule((3.4445, -4.7750, 2.0315), 2) == ((3.4445, -4.7750, 2.0315),) * 2
     assert len(schedule("polar_express", 5)) == 5 and schedule("polar_express", 5) == POLAR_EXPRESS[:5]
     # the optimizer follows the schedule: a schedule of equal triples is the single triple
-    a, b = _params([(6, 4)]), None
+    a = _params([(6, 4)])
     b = _clone(a)
     o1 = ok.Muon(a, lr=0.1, ns_dtype="fp64", ns_coefficients=[(3.4445, -4.7750, 2.0315)] * 5)
     o2 = ok.Muon(b, lr=0.1, ns_dtype="fp64")
