@@ -402,7 +402,10 @@ class Optimizer(torch.optim.Optimizer):
             if kernel is None:
                 kernel = self._kernels[key] = self._compiled_kernel(static, dyn_names, signature)
             device = params[0].device
-            scalars = torch.tensor(dyn_values, dtype=torch.float32, device=device)
+            # float64 parameters get their hyperparameters in float64 (as eager's Python
+            # floats); every other dtype computes in at least float32
+            packed = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+            scalars = torch.tensor(dyn_values, dtype=packed, device=device)
             return kernel(TensorList(params), TensorList(grads), entries, scalars, comp)
         hp_eager = _merge(static, dyn_names, dyn_values)
         return self._kernel(TensorList(params), TensorList(grads), entries, signature, hp_eager, static, comp)

@@ -56,6 +56,8 @@ def project_scale_invariant(u: Tensor, g: Tensor, p: Tensor, delta, eps, wd_rati
     proj_c = _remove_radial(u_c, p_c, eps).reshape(u.shape)
     proj_l = _remove_radial(u_l, p_l, eps).reshape(u.shape)
     out = torch.where(hit_c, proj_c, torch.where(hit_l, proj_l, u))
+    if not isinstance(wd_ratio, Tensor):  # a Python float would make a float32 factor for fp64 params
+        wd_ratio = torch.tensor(wd_ratio, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
     factor = torch.where(hit_c | hit_l, wd_ratio, 1.0)
     return out, factor
 
