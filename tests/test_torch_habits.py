@@ -191,3 +191,92 @@ def test_low_precision_compiled_step_rounds_once(name, dtype):
     assert ulps["compiled"].max() <= 1, name
     assert ulps["compiled"].sum() <= ulps["eager"].sum(), name
 
+
+# ---------------------------------------------------------------- (c) sparse gradients
+
+def _rosenbrock(xy):
+    x, y = xy
+    return (1 - x) ** 2 + 100 * (y - x ** 2) ** 2
+
+
+def _rosenbrock_grad(xy):
+    x, y = xy
+    return torch.stack((-400 * x * (y - x ** 2) - 2 * (1 - x), 200 * (y - x ** 2)))
+
+
+def _coordinate_grad(xy, step: int) -> torch.Tensor:
+    """The gradient's coordinate ``step % 2`` only, as an uncoalesced sparse tensor
+    (the coordinate appears twice, with values summing to its derivative)."""
+    i = step % 2
+    d = _rosenbrock_grad(xy.detach())[i]
+    values = torch.stack((d / 4, d - d / 4))
+    return torch.sparse_coo_tensor(torch.tensor([[i, i]]), values, (2,))
+
+
+@pytest.mark.parametrize("name,hp", [
+    ("sgd", dict(lr=1e-3)),
+    ("sgd", dict(lr=5e-4, momentum=0.9)),
+    ("sgd", dict(lr=5e-4, momentum=0.9, nesterov=True)),
+    ("sgd", dict(lr=5e-4, momentum=0.5, dampening=0.5)),
+    ("adagrad", dict(lr=0.1)),
+    ("adagrad", dict(lr=0.1, lr_decay=1e-3, initial_accumulator_value=0.1)),
+])
+def test_rosenbrock_sparse_equals_dense(name, hp):
+    """Cyclic coordinate descent on a 2-D Rosenbrock function: a sparse gradient and
+    its dense equivalent give the same iterates, and the iterates descend."""
+    start = torch.tensor([1.5, 1.5])
+    sparse, dense = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_s, opt_d = ok.create(name, [sparse], **hp), ok.create(name, [dense], **hp)
+    for step in range(300):
+        sparse.grad = _coordinate_grad(sparse, step)
+        dense.grad = _coordinate_grad(dense, step).to_dense()
+        opt_s.step()
+        opt_d.step()
+        assert torch.equal(sparse, dense), step
+    assert _rosenbrock(sparse.detach()) < 0.1 * _rosenbrock(start)
+
+
+@pytest.mark.parametrize("hp", [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
+                                dict(momentum=0.9, dampening=0.3), dict(momentum=0.9, maximize=True)],
+                         ids=["plain", "momentum", "nesterov", "dampening", "maximize"])
+def test_sgd_sparse_embedding_grads_match_torch(hp):
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Embedding(12, 4, sparse=True), torch.nn.Embedding(12, 4, sparse=True)
+    theirs.load_state_dict(ours.state_dict())
+    opt_o = ok.SGD(ours.parameters(), lr=0.1, **hp)
+    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.1, **hp)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        idx = torch.randint(0, 12, (6,), generator=g)  # repeated rows: uncoalesced gradients
+        target = torch.randn(6, 4, generator=g)
+        for emb, opt in ((ours, opt_o), (theirs, opt_t)):
+            opt.zero_grad()
+            ((emb(idx) - target) ** 2).sum().backward()
+            assert emb.weight.grad.is_sparse
+            opt.step()
+        torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_sparse_grads_with_weight_decay_are_refused_as_torch_does(name):
+    torch_cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}[name]
+    for ours in (False, True):
+        emb = torch.nn.Embedding(5, 3, sparse=True)
+        opt = (ok.create(name, emb.parameters(), lr=0.1, weight_decay=0.1) if ours
+               else torch_cls(emb.parameters(), lr=0.1, weight_decay=0.1))
+        emb(torch.tensor([1, 2])).sum().backward()
+        before = emb.weight.detach().clone()
+        with pytest.raises(RuntimeError, match="sparse"):
+            opt.step()
+        assert torch.equal(before, emb.weight)
+        assert not ours or len(opt.state) == 0
+
+
+def test_sparse_grads_still_refused_where_torch_refuses_them():
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    opt = ok.AdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        torch.optim.AdamW(emb.parameters()).step()

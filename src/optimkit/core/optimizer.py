@@ -254,6 +254,9 @@ class Optimizer(torch.optim.Optimizer):
             if g.is_sparse:
                 if not self.supports_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if group.get("weight_decay", 0) != 0:  # L2 decay would touch every row (torch refuses too)
+                    raise RuntimeError(f"{type(self).__name__}: weight_decay is not compatible with sparse "
+                                       "gradients (as in torch.optim); use weight_decay=0")
                 g = g.to_dense()
             params.append(p)
             grads.append(g)

@@ -15,6 +15,11 @@ class SGD(Optimizer):
         d <- g + mu * b (nesterov) or b (momentum) or g
         theta <- theta - lr * d
 
+    Sparse gradients are accepted as in ``torch.optim.SGD`` (densified: rows
+    without gradient move only by their momentum, exactly as torch's sparse
+    momentum buffer moves them; the buffer itself is stored dense); like torch,
+    ``weight_decay`` is refused with sparse gradients.
+
     Paper: Sutskever et al., "On the importance of initialization and momentum in
     deep learning" (2013); Polyak (1964). Checked against ``torch.optim.SGD``.
     """
@@ -24,6 +29,7 @@ class SGD(Optimizer):
     reference = "torch.optim.SGD"
     state_bytes = 4  # with momentum; 0 without
     has_momentum = True
+    supports_sparse = True
     torch_state_has_step = False
     defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)
 
