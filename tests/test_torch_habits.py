@@ -280,3 +280,38 @@ def test_sparse_grads_still_refused_where_torch_refuses_them():
         opt.step()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         torch.optim.AdamW(emb.parameters()).step()
+
+
+# ---------------------------------------------------------------- (d) parameters a step cannot take
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_integer_params_are_refused_at_step_naming_the_dtype(compile):
+    """torch.optim accepts integer tensors at construction (a model's frozen integer
+    buffers-as-parameters never get a gradient) and fails inside the step; optimkit
+    also accepts them and refuses, before changing anything, one that has a gradient."""
+    frozen = torch.nn.Parameter(torch.zeros(3, dtype=torch.int8), requires_grad=False)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = ok.SGD([w, frozen], lr=0.1, compile=compile)
+    w.grad = torch.ones(3)
+    opt.step()  # the integer parameter has no gradient: skipped, as in torch
+    counts = torch.zeros(3, dtype=torch.int64)
+    opt.add_param_group({"params": [counts]})
+    counts.grad = torch.ones(3, dtype=torch.int64)
+    before = w.detach().clone()
+    with pytest.raises(TypeError, match="torch.int64 is not floating point"):
+        opt.step()
+    assert torch.equal(w, before) and torch.equal(counts, torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "adagrad"])
+def test_meta_params_with_compile_fail_naming_the_cause(name):
+    ps = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in SMALL]
+    opt = ok.create(name, ps, compile=True, **contract_hp(name))
+    for p in ps:
+        p.grad = torch.empty_like(p)
+    with pytest.raises(ValueError, match="compile=True cannot step meta-device parameters"):
+        opt.step()
+    assert len(opt.state) == 0
+    eager = ok.create(name, ps, **contract_hp(name))  # eager steps on meta tensors (shapes only)
+    eager.step()
+    assert all(p.device.type == "meta" for p in ps)

@@ -247,10 +247,19 @@ class Optimizer(torch.optim.Optimizer):
 
     def _collect(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         params, grads = [], []
-        for p in group["params"]:
+        compiled = group["compile"]
+        for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"{type(self).__name__} cannot update parameter {i} of a group "
+                                f"(shape {tuple(p.shape)}): its dtype {p.dtype} is not floating point; "
+                                "only floating-point and complex parameters can be optimized")
+            if compiled and p.device.type == "meta":
+                raise ValueError(f"Invalid compile: compile=True cannot step meta-device parameters "
+                                 f"(parameter {i} of a group, shape {tuple(p.shape)}): torch.compile "
+                                 "generates no kernel for the meta device; use compile=False")
             if g.is_sparse:
                 if not self.supports_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
