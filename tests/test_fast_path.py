@@ -89,8 +89,9 @@ def test_each_step_agrees_with_the_reference_path(cls, hp, rounding):
 @pytest.mark.parametrize("simd", [True, False])
 def test_stochastic_encoder_matches_the_reference_rule(signed, simd):
     """The kernel's stochastic encoder against the reference's formula (the last map
-    entry <= y, up with probability (y - lo) / (hi - lo) against the dither),
-    exactly, on adversarial values, at several encode counters and element offsets."""
+    entry <= y, up with probability (y - lo) / (hi - lo) against the dither; on the
+    unsigned map a positive y never gets the zero code), exactly, on adversarial
+    values, at several encode counters and element offsets."""
     from optimkit.state import maps
     from optimkit.state.codecs import _dither
 
@@ -104,7 +105,7 @@ def test_stochastic_encoder_matches_the_reference_rule(signed, simd):
         p_up = ((y - lo) / (hi - lo)).clamp(0.0, 1.0)
         for seed, index0 in ((0, 0), (7, 256), (2**24 + 3, 1000)):
             u = _dither(index0 + y.numel(), torch.tensor(seed), "cpu")[index0:]
-            expected = lower + (u < p_up).long()
+            expected = _positive_keeps_a_positive_code(lower + (u < p_up).long(), y, signed)
             got = q8_adamw.encode_codes_stochastic(y, signed, seed, index0=index0, simd=simd).long()
             wrong = (got != expected).nonzero().view(-1)
             assert wrong.numel() == 0, (y[wrong[:5]].tolist(), got[wrong[:5]].tolist(),
@@ -203,6 +204,14 @@ def test_fp32_kernel_and_inductor_path_both_match_torch(cls, torch_cls):
             torch.testing.assert_close(a, b)
 
 
+def _positive_keeps_a_positive_code(codes: torch.Tensor, y: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The unsigned map's rule: code 0 (the value 0) only for y that is not > 0;
+    a positive y that rounds to it takes code 1 (the smallest positive entry)."""
+    if signed:
+        return codes
+    return torch.where((codes == 0) & (y > 0), torch.ones_like(codes), codes)
+
+
 def _adversarial(signed: bool) -> torch.Tensor:
     """Values where a nearest-code encoder can go wrong: every map value and
     midpoint and the floats right next to them, binade edges, tiny and
@@ -229,12 +238,14 @@ def _adversarial(signed: bool) -> torch.Tensor:
 @pytest.mark.parametrize("simd", [True, False])
 def test_encoder_gives_the_nearest_code(signed, simd):
     """The kernel's encoder against the reference rule (the number of map
-    midpoints <= y) on adversarial values, exactly, ties included."""
+    midpoints <= y; unsigned: at least 1 for y > 0) on adversarial values,
+    exactly, ties included."""
     from optimkit.state import maps
 
     y = _adversarial(signed)
     mids = torch.tensor(maps.midpoints(maps.dynamic_map(signed, 8)), dtype=torch.float32)
-    expected = torch.bucketize(y, mids, right=True)
+    expected = _positive_keeps_a_positive_code(torch.bucketize(y, mids, right=True), y, signed)
+    assert signed or int(((expected == 1) & (y < mids[0])).sum()) > 1000  # the rule is exercised
     got = q8_adamw.encode_codes(y, signed, simd=simd).long()
     wrong = (got != expected).nonzero().view(-1)
     assert wrong.numel() == 0, (y[wrong[:5]].tolist(), got[wrong[:5]].tolist(), expected[wrong[:5]].tolist())
@@ -243,7 +254,7 @@ def test_encoder_gives_the_nearest_code(signed, simd):
     z = (y * scale).clamp(-scale, scale)
     got = q8_adamw.encode_codes(z, signed, scale=scale, simd=simd).long()
     inv = torch.tensor(1.0) / torch.tensor(scale)  # float32, as the kernel computes it
-    expected = torch.bucketize(z * inv, mids, right=True)
+    expected = _positive_keeps_a_positive_code(torch.bucketize(z * inv, mids, right=True), z * inv, signed)
     assert torch.equal(got, expected)
 
 

@@ -33,6 +33,12 @@
  * negative half mirrors the positive one); a negative y uses the float just
  * below |y| so that exact midpoints round as the reference's count of
  * midpoints <= y does.
+ *
+ * Unsigned map (the second moment): code 0 decodes to zero and is kept for
+ * exact zeros; a positive value that rounds to it (nearest or stochastic)
+ * takes code 1, the smallest positive entry, as codecs._keep_positive does.
+ * Otherwise an element whose v is tiny next to its block's absmax would decode
+ * to v = 0 while its m keeps a code, and its step would be m / eps.
  */
 #include <math.h>
 #include <stdint.h>
@@ -83,7 +89,7 @@ static inline uint8_t encode_one(float y, const float *restrict enc, int is_sign
     t = t < (float)cmax ? t : (float)cmax;    /* NaN: cmax */
     int32_t c = t > 0.f ? (int32_t)t : 0;     /* floor for t >= 0 */
     c += a >= enc[ENC_MID + c];
-    if (!is_signed) return (uint8_t)c;
+    if (!is_signed) return (uint8_t)(c + (c == 0 && y > 0.f));   /* NaN: not > 0 */
     return (uint8_t)(neg ? SIGNED_ZERO - (c < SIGNED_ZERO ? c : SIGNED_ZERO) : SIGNED_ZERO + c);
 }
 
@@ -120,7 +126,9 @@ static inline uint8_t encode_sr_one(float y, float u, const float *restrict valu
     float p = (y - lo) / (hi - lo);
     p = p > 0.f ? p : 0.f;                      /* NaN: never up, as u < NaN */
     p = p < 1.f ? p : 1.f;
-    return (uint8_t)(c + (u < p));
+    c += u < p;
+    if (!is_signed) c += c == 0 && y > 0.f;     /* code 0 is for exact zeros */
+    return (uint8_t)c;
 }
 
 static inline void encode_sr_block(const float *restrict x, float scale, uint8_t *restrict codes, int64_t from,
@@ -268,6 +276,12 @@ static inline int64_t update_block_avx512(float *restrict pp, const float *restr
     return i;
 }
 
+/* Unsigned map: code 1 where y > 0 rounded to code 0 (see encode_one). */
+static inline __m512i keep_positive16(__m512i c, __m512 y) {
+    __mmask16 pos = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ);
+    return _mm512_mask_max_epi32(c, pos, c, _mm512_set1_epi32(1));
+}
+
 typedef struct {
     __m512 thr[2], inv, bias[2], near;  /* near: 2 NEAR */
     __m512i base[2], clamp[2];
@@ -316,6 +330,7 @@ static inline __m512i codes16(__m512 y, const enc_regs *r, int is_signed, __mmas
     /* unsigned min: NaN, or t too large for an int32, gives the bound */
     c = _mm512_mask_min_epu32(c, (__mmask16)~neg, c, bound);
     if (is_signed) c = _mm512_mask_max_epi32(c, neg, c, bound);
+    else c = keep_positive16(c, y);
     return c;
 }
 
@@ -380,7 +395,7 @@ static inline __m512i sr_other16(__m512 y, __m512i c, __m512 vc, __mmask16 *abov
 /* The stochastic code of 16 values y, elements idx .. idx + 15 of their tensor,
  * from the nearest code c, vc = values[c] and vo = values[the other]. */
 static inline __m512i sr_finish16(__m512 y, __m512i c, __m512 vc, __m512 vo, __mmask16 above, uint32_t idx,
-                                  uint32_t phi) {
+                                  uint32_t phi, int is_signed) {
     const __m512i one = _mm512_set1_epi32(1);
     c = _mm512_mask_sub_epi32(c, above, c, one);                      /* lower */
     __m512 lo = _mm512_mask_blend_ps(above, vc, vo), hi = _mm512_mask_blend_ps(above, vo, vc);
@@ -407,7 +422,8 @@ static inline __m512i sr_finish16(__m512 y, __m512i c, __m512 vc, __m512 vo, __m
     h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
     h = _mm512_add_epi32(h, _mm512_set1_epi32((int32_t)phi));
     __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
-    return _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, p, _CMP_LT_OQ), c, one);
+    c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, p, _CMP_LT_OQ), c, one);
+    return is_signed ? c : keep_positive16(c, y);
 }
 
 #ifdef HAVE_VBMI
@@ -447,7 +463,8 @@ static inline int64_t encode_sr_block_avx512(const float *restrict x, float scal
         pack64(other, buf);
         decode64(buf, planes, dt->order, vo);
         for (int q = 0; q < 4; ++q)
-            c[q] = sr_finish16(y[q], c[q], vc[q], vo[q], above[q], (uint32_t)(index0 + (uint64_t)(i + 16 * q)), phi);
+            c[q] = sr_finish16(y[q], c[q], vc[q], vo[q], above[q], (uint32_t)(index0 + (uint64_t)(i + 16 * q)), phi,
+                                is_signed);
         pack64(c, codes + i);
     }
 #endif
@@ -457,7 +474,7 @@ static inline int64_t encode_sr_block_avx512(const float *restrict x, float scal
         __m512 vc = lookup256(vt, c);
         __mmask16 above;
         __m512 vo = lookup256(vt, sr_other16(y, c, vc, &above));
-        c = sr_finish16(y, c, vc, vo, above, (uint32_t)(index0 + (uint64_t)i), phi);
+        c = sr_finish16(y, c, vc, vo, above, (uint32_t)(index0 + (uint64_t)i), phi, is_signed);
         _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(c));
     }
     return i;

@@ -12,7 +12,9 @@ encodes it after, so the rule only ever sees fp32 tensors::
 ``signed`` says whether the state can be negative (Adam's first moment) or
 is known to be non-negative (Adam's second moment); the quantized codecs use
 a different map for each. An unsigned codec must only be given values
-``>= 0``.
+``>= 0``, and it keeps the code of zero for exact zeros: a positive value
+never decodes to 0 (it takes the smallest positive code instead), because
+update rules divide by such states.
 
 Every operation is written with plain tensor ops (no Python loops over
 blocks, no ``.item()``, no data-dependent Python branches), so the same code
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .maps import device_table
+from .maps import device_table, dynamic_map
 
 __all__ = [
     "Codec", "FP32", "BF16", "Q8", "Q4", "FP8", "CODECS", "get_codec", "available_codecs",
@@ -55,6 +57,8 @@ _TINY = torch.finfo(torch.float32).tiny
 E4M3_MAX = 448.0
 #: Smallest normal float8_e4m3fn number (2**-6).
 E4M3_MIN_NORMAL = 2.0 ** -6
+#: Smallest positive (subnormal) float8_e4m3fn number (2**-9).
+E4M3_MIN_SUBNORMAL = 2.0 ** -9
 
 
 def _numel(shape) -> int:
@@ -277,6 +281,29 @@ def _structural_codes(y: Tensor, kind: str, signed: bool, bits: int) -> Tensor:
     return c + up.long() - down.long()
 
 
+#: smallest positive entry of the unsigned dynamic map, by bits (a Python float, computed
+#: at import so that a compiled step never traces the map's construction)
+_SMALLEST_UNSIGNED = {bits: dynamic_map(False, bits)[1] for bits in (4, 8)}
+
+
+def _keep_positive(y: Tensor, smallest: float) -> Tensor:
+    """Scaled values of a non-negative state, each strictly positive one raised to at
+    least ``smallest``, the smallest positive entry of the map (or format), so that
+    rounding (nearest or stochastic) can never give it the code of zero.
+
+    The zero code is thereby reserved for exact zeros (a zero element, an all-zero
+    block). Optimizers divide by such states (Adam's ``m / (sqrt(v) + eps)``): an
+    element whose ``v`` is tiny next to its block's absmax would otherwise decode
+    to ``v = 0`` while its first moment keeps a non-zero code, and its next step
+    would be ``m / eps`` (on digits, weights of rarely lit pixels ended up to 100
+    away from an fp32 run). For the maps this gives the codes of rounding first
+    and then moving a positive value's zero code to the next one; it is done on
+    the values because Inductor (torch 2.13, CPU) dropped the zero-padded last
+    block's stores when the codes themselves were adjusted after the structural
+    encoder. NaN stays NaN (``NaN > 0`` is false). Elementwise."""
+    return torch.where(y > 0, y.clamp_min(smallest), y)
+
+
 def _absmax_scaled(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """Blocks of ``x`` divided by their absmax (all-zero blocks stay zero), and the absmax."""
     xb = _blocks(x, block)
@@ -345,8 +372,14 @@ class _Blockwise(Codec):
 
     def _codes(self, x: Tensor, signed: bool, storage: dict | None = None) -> tuple[Tensor, Tensor]:
         y, absmax = _absmax_scaled(x, self.block)
+        if not signed and self._kind(signed) == "dynamic":  # the unsigned dynamic map starts at 0
+            y = _keep_positive(y, _SMALLEST_UNSIGNED[self.bits])
+        return self._rounded_codes(y, signed, storage), absmax
+
+    def _rounded_codes(self, y: Tensor, signed: bool, storage: dict | None) -> Tensor:
+        """Codes of the scaled blocks ``y``: nearest, or stochastic."""
         if not self.stochastic:
-            return _nearest_codes(y, self._kind(signed), signed, self.bits), absmax
+            return _nearest_codes(y, self._kind(signed), signed, self.bits)
         values = device_table(self._kind(signed), signed, self.bits, y.device)
         top = values.numel() - 1
         # The last entry <= y by binary search: deriving it from the structural nearest
@@ -358,7 +391,7 @@ class _Blockwise(Codec):
         seed = storage["seed"]
         u = _dither(y.numel(), seed, y.device).view_as(y)
         seed.add_(1)
-        return lower + (u < p_up).long(), absmax
+        return lower + (u < p_up).long()
 
     def _values(self, codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
         """Blocks of decoded values from unpacked int codes ``(nb * block,)``."""
@@ -392,7 +425,9 @@ class Q8(_Blockwise):
     for signed states, unsigned map otherwise). Decoding is
     ``map[code] * absmax``. Zeros and a positive block maximum are stored
     exactly; the signed map has no ``-1``, so a negative block maximum comes
-    back as ``0.993 * absmax``.
+    back as ``0.993 * absmax``. Unsigned states: a positive value below half the
+    smallest positive entry (``3.25e-7``) is stored as that entry, not as 0
+    (bitsandbytes' and torchao's nearest code), see :func:`_keep_positive`.
     """
 
     name: ClassVar[str] = "q8"
@@ -476,7 +511,12 @@ class FP8(Codec):
       zeros are stored exactly.
     * All-zero block: ``absmax = 0``, ``k = 1``; decodes to zeros.
       ``R == 1`` (all non-zero magnitudes equal): ``k = 1``; exact.
+      ``R`` beyond float32's range: ``log R`` is taken as ``log mx - log mn``.
     * The FP8 sign bit is spent even for unsigned states.
+    * Unsigned states: a positive value that would round to the FP8 zero is
+      stored as the smallest subnormal, ``2**-9`` (so it decodes to
+      ``2**-9 / 448 * absmax``, or with DRE ``mx (2**-9 / 448)**(1/k)``); zero
+      is reserved for exact zeros, as in the q8 unsigned map.
     """
 
     name: ClassVar[str] = "fp8"
@@ -507,7 +547,10 @@ class FP8(Codec):
         if self.dre:
             nonzero_min = torch.where(ax > 0, ax, torch.full_like(ax, math.inf)).amin(dim=1)
             ratio = absmax / nonzero_min  # 0 for all-zero blocks, >= 1 otherwise
-            log_ratio = torch.log(ratio.clamp_min(1.0))
+            # a ratio past float32's range (a subnormal next to ~1e-6 or more) would give
+            # log = inf, k = 0 and r**0 = 1: every element, zeros too, decoded as absmax
+            log_ratio = torch.where(torch.isinf(ratio), torch.log(absmax) - torch.log(nonzero_min),
+                                    torch.log(ratio.clamp_min(1.0)))
             k = torch.where(log_ratio > 0,
                             math.log(self.dre_range) / log_ratio.clamp_min(_TINY),
                             torch.ones_like(log_ratio))
@@ -515,6 +558,10 @@ class FP8(Codec):
             r = r.pow(k.unsqueeze(1))  # 0 ** k == 0 for k > 0
             storage["expand"].copy_(k)
         z = torch.copysign(r * E4M3_MAX, xb)
+        if not signed:
+            # a positive value below half the smallest subnormal would cast to 0: keep it
+            # positive (code 0 stays for exact zeros; see _keep_positive)
+            z = _keep_positive(z, E4M3_MIN_SUBNORMAL)
         n = x.numel()
         storage["codes"].view(-1).copy_(z.view(-1)[:n])
         storage["absmax"].copy_(absmax)
