@@ -315,3 +315,98 @@ def test_meta_params_with_compile_fail_naming_the_cause(name):
     eager = ok.create(name, ps, **contract_hp(name))  # eager steps on meta tensors (shapes only)
     eager.step()
     assert all(p.device.type == "meta" for p in ps)
+
+
+# ---------------------------------------------------------------- (e) no per-step recompiles
+
+def _sporadic_run(compile: bool, steps: int, **hp):
+    """bf16 parameters with one fp32 parameter in the same group, some of them
+    missing steps at random: the buckets (by step count and dtype) change from step
+    to step. Returns the parameters and the optimizer."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 6), (6,), (4,)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()) for s in shapes]
+    ps.append(torch.nn.Parameter(torch.randn(6, generator=g)))  # e.g. a norm kept in fp32
+    opt = ok.AdamW(ps, compile=compile, lr=1e-2, **hp)
+    for _ in range(steps):
+        for i, p in enumerate(ps):
+            has = i == 0 or bool(torch.rand((), generator=g) < 0.6)
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype) if has else None
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("hp", [dict(bf16_compensation="stochastic_rounding"),
+                                dict(bf16_compensation="stochastic_rounding", state_precision="q8",
+                                     state_rounding="stochastic", min_quant_size=0)], ids=["sr", "sr-q8"])
+def test_long_compiled_bf16_stochastic_rounding_run_never_recompiles(hp):
+    """Buckets that change from step to step each get a kernel of their own (a few,
+    compiled once each) instead of recompiling one kernel at every step."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        ps, opt = _sporadic_run(True, 50, **hp)
+    assert all(torch.isfinite(p).all() for p in ps)
+    assert len(opt._kernels) <= 12
+
+
+def test_compiled_kernel_hitting_the_recompile_limit_falls_back_to_eager():
+    """A guard failure that the kernel key does not foresee (here: gradients with
+    other strides) recompiles; past the limit the kernel warns once and runs eagerly,
+    with the eager results."""
+    import torch._dynamo
+
+    a, b = make_params([(6, 4), (6, 4)]), make_params([(6, 4), (6, 4)])
+    opt_c = ok.SGD(a, lr=0.1, momentum=0.9, compile=True)
+    opt_e = ok.SGD(b, lr=0.1, momentum=0.9)
+    stream = grad_stream(a, 5)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        run_with_grads(opt_c, a, stream[:2])  # first step, then the momentum kernel
+        run_with_grads(opt_e, b, stream[:2])
+        with pytest.warns(RuntimeWarning, match="recompile limit"):
+            for p, q, g in zip(a, b, stream[2]):  # same shapes, transposed strides
+                p.grad, q.grad = g.t().contiguous().t(), g.clone()
+            opt_c.step()
+            opt_e.step()
+        assert "eager" in opt_c._kernels.values()
+        run_with_grads(opt_c, a, stream[3:])
+        run_with_grads(opt_e, b, stream[3:])
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_kernels_per_family_are_capped_then_eager():
+    """More bucket compositions than torch._dynamo.config.recompile_limit for one kernel
+    family: the extra ones run eagerly, with a warning, and give the eager results."""
+    import torch._dynamo
+
+    shapes = [(3,), (4,), (5,)]
+    a, b = make_params(shapes), make_params(shapes)
+    opt_c = ok.SGD(a, lr=0.1, compile=True)
+    opt_e = ok.SGD(b, lr=0.1)
+    stream = grad_stream(a, 3)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        with pytest.warns(RuntimeWarning, match="different buckets"):
+            for step, grads in enumerate(stream):  # one parameter per step: three compositions
+                for i, (p, q, g) in enumerate(zip(a, b, grads)):
+                    p.grad = q.grad = g.clone() if i == step else None
+                opt_c.step()
+                opt_e.step()
+    assert list(opt_c._kernels.values()).count("eager") == 1
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop", "yogi"])
+def test_compiled_bf16_compensation_with_l2_decay(name):
+    """L2 decay adds fp32 working parameters to bf16 gradients: compiled steps used to
+    fail (lerp_ of a bf16 state towards an fp32 value); the step now runs in fp32 in
+    both modes, so compiled and eager agree to bf16 rounding."""
+    results = []
+    for compile in (False, True):
+        ps = make_params(SMALL, dtype=torch.bfloat16)
+        opt = ok.create(name, ps, compile=compile, bf16_compensation="kahan", **contract_hp(name))
+        run_with_grads(opt, ps, grad_stream(ps, 4))
+        results.append([p.detach().float() for p in ps])
+    for e, c in zip(*results):
+        torch.testing.assert_close(c, e, rtol=0, atol=2e-2)

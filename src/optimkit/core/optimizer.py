@@ -409,16 +409,36 @@ class Optimizer(torch.optim.Optimizer):
     def _launch(self, group, params, grads, entries, signature, static, dyn_names, dyn_values, comp):
         """Run the kernel, eagerly or compiled; returns the update if it was not applied."""
         if group["compile"]:
-            key = (tuple(sorted(static.items(), key=lambda kv: kv[0])), tuple(dyn_names), signature)
+            family = (tuple(sorted(static.items(), key=lambda kv: kv[0])), tuple(dyn_names), signature)
+            # One kernel per bucket composition (dtype and shape of every tensor): a bucket
+            # that differs (a parameter that missed a step, another dtype, a streamed
+            # parameter) gets its own kernel instead of recompiling a shared one, which
+            # varying buckets did at every step until torch.compile's recompile limit.
+            key = (family, tuple((p.dtype, p.shape, g.dtype) for p, g in zip(params, grads)))
             kernel = self._kernels.get(key)
             if kernel is None:
-                kernel = self._kernels[key] = self._compiled_kernel(static, dyn_names, signature)
-            device = params[0].device
-            # float64 parameters get their hyperparameters in float64 (as eager's Python
-            # floats); every other dtype computes in at least float32
-            packed = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-            scalars = torch.tensor(dyn_values, dtype=packed, device=device)
-            return kernel(TensorList(params), TensorList(grads), entries, scalars, comp)
+                # at most recompile_limit compositions per family are compiled, the rest run eagerly
+                limit = torch._dynamo.config.recompile_limit
+                if sum(1 for k in self._kernels if k[0] == family) >= limit:
+                    kernel = "eager"
+                    _warn_eager(f"{type(self).__name__}: more than {limit} different buckets (parameter "
+                                "shapes/dtypes stepped together) for one compiled kernel "
+                                "(torch._dynamo.config.recompile_limit); the others run eagerly")
+                else:
+                    kernel = self._compiled_kernel(static, dyn_names, signature)
+                self._kernels[key] = kernel
+            if kernel != "eager":
+                device = params[0].device
+                # float64 parameters get their hyperparameters in float64 (as eager's Python
+                # floats); every other dtype computes in at least float32
+                packed = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+                scalars = torch.tensor(dyn_values, dtype=packed, device=device)
+                try:
+                    return kernel(TensorList(params), TensorList(grads), entries, scalars, comp)
+                except torch._dynamo.exc.FailOnRecompileLimitHit as err:  # raised before the graph runs
+                    self._kernels[key] = "eager"
+                    _warn_eager(f"{type(self).__name__}: a compiled kernel hit torch.compile's recompile "
+                                f"limit ({err.__class__.__name__}); it runs eagerly from now on")
         hp_eager = _merge(static, dyn_names, dyn_values)
         return self._kernel(TensorList(params), TensorList(grads), entries, signature, hp_eager, static, comp)
 
@@ -431,14 +451,15 @@ class Optimizer(torch.optim.Optimizer):
         to full space first."""
         if static.get("maximize"):
             grads = grads.neg()
-        # Low-precision (bf16/fp16) parameters with encoded state: encoded states
-        # decode to fp32, so the whole step runs in fp32 (gradients, parameters and
-        # the states kept as created) and is rounded back once at the end.
+        # Low-precision (bf16/fp16) parameters with encoded state (which decodes to
+        # fp32) or with bf16_compensation: the whole step runs in fp32 (gradients,
+        # parameters and the states kept as created) and each stored tensor is
+        # rounded back once at the end (the parameters with their compensation).
         mixed = params[0].dtype != torch.float32 and layout.is_encoded(signature)
-        state = layout.decode(entries, signature, upcast=mixed)
         low = mixed or (bool(static.get("bf16_compensation")) and params[0].dtype == torch.bfloat16)
+        state = layout.decode(entries, signature, upcast=low)
         work = TensorList([p.float() for p in params]) if low else params
-        if mixed:
+        if low:
             grads = TensorList([g.float() for g in grads])
         ctx = Context(params=work, grads=grads, state=state, hp=hp, static=static)
         u = grads
@@ -518,6 +539,13 @@ class Optimizer(torch.optim.Optimizer):
                 if p in self.state:
                     self._placement.place(self.state[p], group["state_placement"])
         self._kernels.clear()
+
+
+def _warn_eager(message: str) -> None:
+    """A compiled step falls back to eager mode (same results, slower): say so once per kernel."""
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=6)
 
 
 def _write_back(params, work, mode: str | None, comp) -> None:
