@@ -227,7 +227,7 @@ def test_rosenbrock_sparse_equals_dense(name, hp):
     start = torch.tensor([1.5, 1.5])
     sparse, dense = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     opt_s, opt_d = ok.create(name, [sparse], **hp), ok.create(name, [dense], **hp)
-    for step in range(300):
+    for step in range(150):
         sparse.grad = _coordinate_grad(sparse, step)
         dense.grad = _coordinate_grad(dense, step).to_dense()
         opt_s.step()
