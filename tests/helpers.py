@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Callable
 
 import torch
@@ -69,3 +70,17 @@ def train(model, loss_fn, opt, steps: int, create_graph: bool = False) -> list[f
 
 def clone_model(model):
     return copy.deepcopy(model)
+
+
+@functools.lru_cache(maxsize=None)
+def digits_split():
+    """scikit-learn's digits (1797 8x8 images), pixels / 16 (always-zero pixels stay
+    zero), shuffled once: (x_train, y_train, x_val, y_val) with 1200 train, 597 held out."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, va = perm[:1200], perm[1200:]
+    return x[tr], y[tr], x[va], y[va]

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 import optimkit as ok
 from optimkit.kernels import q8_adamw
 
+from helpers import digits_split
+
 SEEDS = (0, 1, 2)
 STEPS, BATCH = 300, 128
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
@@ -52,17 +54,7 @@ MIN_QUANT = 4096
 BNB_FALLBACK = (0.3, 0.008)
 
 
-@functools.lru_cache(maxsize=None)
-def digits():
-    """Pixels / 16 (zeros stay zero), shuffled once: 1200 train, 597 held out."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, va = perm[:1200], perm[1200:]
-    return x[tr], y[tr], x[va], y[va]
+digits = digits_split  # the shared split of tests/helpers.py
 
 
 def initial_params(seed: int) -> list[torch.Tensor]:

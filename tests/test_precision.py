@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import optimkit as ok
-from helpers import grad_stream, make_params, mlp_problem, train, two_groups
+from helpers import digits_split, grad_stream, make_params, mlp_problem, train, two_groups
 from optimizer_cases import contract_hp
 from optimkit.kernels import q8_adamw
 from optimkit.state import dynamic_map, get_codec
@@ -293,17 +293,6 @@ def test_q4_adamw_drift_recorded_figure():
 
 
 # --------------------------------------------------------------------------- 2c. digits
-@functools.lru_cache(maxsize=None)
-def digits_split():
-    """scikit-learn's digits (1797 8x8 images), shuffled once: 1200 train, 597 held out."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, va = perm[:1200], perm[1200:]
-    return x[tr], y[tr], x[va], y[va]
 
 
 # Mini-batch training (batch 64, 500 steps, cosine decay to 0) of a 64-64-10
