@@ -69,7 +69,8 @@ def describe_projection(proj: Projection) -> dict[str, Any]:
 
 
 def _projection_classes() -> dict[str, type]:
-    from .. import projection as mod
+    """Every projection class by name (the built-in ones and any user subclass)."""
+    from .. import projection  # noqa: F401  (imports the built-in classes)
 
     out: dict[str, type] = {}
     stack = [Projection]
@@ -77,8 +78,6 @@ def _projection_classes() -> dict[str, type]:
         cls = stack.pop()
         out.setdefault(cls.__name__, cls)
         stack.extend(cls.__subclasses__())
-    for name in mod.__all__:
-        out[name] = getattr(mod, name)
     return out
 
 
@@ -169,26 +168,26 @@ def _groups(opt: Optimizer, state_dict: Any) -> list[dict]:
     return out
 
 
-def _as_int_step(value: Any, where: str) -> int:
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_complex():
-            _fail(f"{where} 'step' must be a number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        _fail(f"{where} 'step' must be a non-negative integer, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value != int(value) or value < 0:
-        _fail(f"{where} 'step' must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
-def _as_float(value: Any, key: str, where: str) -> float:
+def _number(value: Any, key: str, where: str):
+    """A saved scalar as a Python number (a one-element real tensor is unwrapped)."""
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex():
             _fail(f"{where} {key!r} must be a number, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _fail(f"{where} {key!r} must be a real number, got {type(value).__name__} {value!r}")
-    return float(value)
+    return value
+
+
+def _as_int_step(value: Any, where: str) -> int:
+    value = _number(value, "step", where)
+    if not math.isfinite(value) or value != int(value) or value < 0:
+        _fail(f"{where} 'step' must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _as_float(value: Any, key: str, where: str) -> float:
+    return float(_number(value, key, where))
 
 
 def _dry_init(fn, like: Tensor):
