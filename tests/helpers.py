@@ -84,3 +84,54 @@ def digits_split():
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     tr, va = perm[:1200], perm[1200:]
     return x[tr], y[tr], x[va], y[va]
+
+
+def kron_quadratic(m: int = 16, n: int = 8, cond: float = 1e4, seed: int = 0):
+    """An ill-conditioned matrix quadratic with Kronecker-structured curvature.
+
+    ``f(W) = 0.5 tr((W - W*)^T A (W - W*) B)``: gradient ``A (W - W*) B``, Hessian
+    ``B (x) A``, whose condition number is ``cond`` (``A`` and ``B`` random rotations of
+    log-spaced eigenvalues, each with condition ``sqrt(cond)``). Returns
+    ``(W, loss_fn)``: a zero-initialized parameter and ``loss_fn(W) -> tensor``; the
+    minimum is 0, at ``W*`` (standard normal). The problem second-order methods are
+    meant for: every direction-wise step size of a first-order method is a compromise
+    between the largest and the smallest curvature."""
+    g = torch.Generator().manual_seed(seed)
+    side = cond ** 0.5
+
+    def spd(k: int) -> torch.Tensor:
+        q, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+        eig = torch.logspace(0, torch.log10(torch.tensor(side)).item(), k, dtype=torch.float64)
+        return ((q * eig) @ q.T).float()
+
+    a, b = spd(m), spd(n)
+    target = torch.randn(m, n, generator=g)
+    w = torch.nn.Parameter(torch.zeros(m, n))
+
+    def loss_fn(param: torch.Tensor) -> torch.Tensor:
+        e = param - target
+        return 0.5 * (e * (a @ e @ b)).sum()
+
+    return w, loss_fn
+
+
+def steps_to_target(make_opt: Callable, problem: Callable, rel: float, max_steps: int) -> int:
+    """Steps until ``loss <= rel * initial loss`` for an optimizer ``make_opt([W])`` on
+    ``problem()`` (a fresh ``(W, loss_fn)`` per call); ``max_steps + 1`` if never (or
+    when the loss stops being finite)."""
+    w, loss_fn = problem()
+    opt = make_opt([w])
+    with torch.no_grad():
+        start = float(loss_fn(w))
+    for step in range(1, max_steps + 1):
+        opt.zero_grad()
+        loss = loss_fn(w)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            now = float(loss_fn(w))
+        if not now == now or now == float("inf"):
+            return max_steps + 1
+        if now <= rel * start:
+            return step
+    return max_steps + 1

@@ -14,7 +14,7 @@ NAMES = ok.available()
 
 
 def needs_graph(name: str) -> bool:
-    return ok.info(name).family == "second-order" and ("hessian" in name or "sophia" in name)
+    return ok.info(name).cls.requires_create_graph
 
 
 @pytest.mark.parametrize("name", NAMES)

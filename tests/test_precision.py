@@ -653,7 +653,7 @@ def test_every_optimizer_trains_bf16_params_with_q8_state(name):
         opt = ok.create(name, model.parameters(), state_precision="q8", min_quant_size=100, **hp)
     except ValueError:  # optimizers that refuse q8 for some state (centred RMSprop)
         pytest.skip(f"{name} refuses q8 state with these settings")
-    losses = train(model, loss_fn, opt, 30, create_graph=name in ("adahessian", "sophia"))
+    losses = train(model, loss_fn, opt, 30, create_graph=ok.info(name).cls.requires_create_graph)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert losses[-1] < losses[0], f"{name}: {losses[0]:.4f} -> {losses[-1]:.4f}"
 

@@ -100,6 +100,9 @@ class Optimizer(torch.optim.Optimizer):
     has_momentum: ClassVar[bool] = False
     #: sparse gradients are densified instead of rejected
     supports_sparse: ClassVar[bool] = False
+    #: the step reads second-order information from the gradient's graph (Hessian-vector
+    #: products): the loss must be backpropagated with ``backward(create_graph=True)``
+    requires_create_graph: ClassVar[bool] = False
     #: the rule couples the tensors of a group (e.g. a group-wide norm), so the
     #: group cannot be stepped one tensor at a time
     group_coupled: ClassVar[bool] = False
