@@ -33,6 +33,9 @@ CONTRACT_HP: dict[str, dict] = {
     # fp32 Newton-Schulz: the contract's 1e-6 compiled-vs-eager bar is for fp32 arithmetic
     # (the default bf16 iteration is checked in test_muon.py)
     "muon": dict(lr=0.02, ns_dtype="fp32"),
+    # grafted and with a ridge: without them inverse roots of rank-deficient factors amplify
+    # rounding differences (compiled vs eager) far above the 1e-6 contract bar
+    "shampoo": dict(lr=1e-2, grafting="adam", epsilon=1e-2),
 }
 
 

@@ -17,10 +17,15 @@ class OptimizerInfo:
     reference: str
     state_bytes: float
     defaults: dict[str, Any]
+    #: state tensors kept as created (fp32) whatever ``state_precision`` asks for
+    #: (preconditioner factors, bases)
+    full_precision: tuple[str, ...] = ()
 
     def __str__(self) -> str:
+        kept = (f"; kept in full precision whatever state_precision: {', '.join(self.full_precision)}"
+                if self.full_precision else "")
         return (f"{self.name} ({self.cls.__name__}): family={self.family}; paper: {self.paper}; "
-                f"reference: {self.reference}; fp32 state bytes/param: {self.state_bytes}")
+                f"reference: {self.reference}; fp32 state bytes/param: {self.state_bytes}{kept}")
 
 
 def register(cls: type) -> type:
@@ -58,4 +63,10 @@ def info(name: str) -> OptimizerInfo:
     cls = _lookup(name)
     return OptimizerInfo(name=cls.name, cls=cls, family=cls.family, paper=cls.paper,
                          reference=cls.reference, state_bytes=cls.state_bytes,
-                         defaults=dict(cls.defaults))
+                         defaults=dict(cls.defaults), full_precision=_full_precision(cls))
+
+
+def _full_precision(cls: type) -> tuple[str, ...]:
+    """Names the optimizer's transforms keep in full precision (``Transform.full_precision``);
+    ``build`` needs no constructor state, so a bare instance gives the chain."""
+    return tuple(name for t in cls.build(cls.__new__(cls)) for name in getattr(t, "full_precision", ()))
