@@ -40,7 +40,8 @@ def measure_state_bytes(name: str, hparams: dict) -> float | None:
         x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
     try:
         opt = optimkit.create(name, model.parameters(), **hparams)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward(create_graph=type(opt).requires_create_graph)
         opt.step()
     except Exception:
         return None

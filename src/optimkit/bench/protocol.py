@@ -163,24 +163,26 @@ class SuiteDefaults:
 
 #: Popular optimizers compared by the quick suite (unregistered ones are skipped with a note).
 QUICK_OPTIMIZERS = ("adamw", "sgd:momentum=0.9", "nadam", "radam", "lion", "adagrad", "rmsprop",
-                    "adan", "adabelief", "adopt")
+                    "adan", "adabelief", "adopt", "muon")
+#: ... plus the geometry-aware and second-order optimizers where this optimkit has them
 STANDARD_OPTIMIZERS = QUICK_OPTIMIZERS + (
     "adam", "sgd:momentum=0.9,nesterov=true", "adamax", "yogi", "diffgrad", "adamp", "lamb",
-    "ademamix", "grams", "adafactor", "came", "schedulefree_adamw", "prodigy", "muon")
+    "ademamix", "grams", "adafactor", "came", "schedulefree_adamw", "prodigy",
+    "soap", "shampoo", "psgd_kron", "sophia_h", "adahessian")
 
 SUITES: dict[str, SuiteDefaults] = {
     "quick": SuiteDefaults(
         workloads=("rosenbrock", "quadratic", "noisy_quadratic", "logreg_cancer", "mlp_digits",
-                   "autoencoder_digits"),
+                   "autoencoder_digits", "char_lm_small"),
         optimizers=QUICK_OPTIMIZERS, n_trials=8, tune_seeds=(0,), eval_seeds=(1000, 1001, 1002),
-        description="6 fast workloads, 10 popular optimizers, 8-point lr grid, 3 held-out "
-                    "seeds (2-3 minutes on 2 cores)"),
+        description="7 fast workloads (one a small transformer LM), 11 popular optimizers, "
+                    "8-point lr grid, 3 held-out seeds (4-5 minutes with --jobs 2, 9 on one core)"),
     "standard": SuiteDefaults(
         workloads=("rosenbrock", "quadratic", "noisy_quadratic", "logreg_cancer", "mlp_digits",
-                   "cnn_digits", "autoencoder_digits", "char_lm"),
+                   "cnn_digits", "autoencoder_digits", "char_lm_small", "char_lm"),
         optimizers=STANDARD_OPTIMIZERS, n_trials=8, tune_seeds=(0,),
         eval_seeds=(1000, 1001, 1002),
-        description="all 8 workloads, up to 24 optimizers, 8-point lr grid, 3 held-out seeds "
+        description="all 9 workloads, up to 29 optimizers, 8-point lr grid, 3 held-out seeds "
                     "(about an hour on 2 cores; use --jobs or --backend ray)"),
 }
 

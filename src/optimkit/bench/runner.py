@@ -82,6 +82,21 @@ def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def _param_groups(cls, task, hparams: dict):
+    """The optimizer's own param groups for the task's model (``param_groups_for``,
+    e.g. Muon's split by module type), else the task's parameters."""
+    params = task.parameters()
+    if task.module is None:
+        return params
+    groups = cls.param_groups_for(task.module, dict(hparams))
+    if groups is None:
+        return params
+    grouped = [id(p) for g in groups for p in g["params"]]
+    if sorted(grouped) != sorted(id(p) for p in params):
+        raise RuntimeError(f"{cls.__name__}.param_groups_for does not hold the task's parameters once each")
+    return groups
+
+
 def run_trial(spec: TrialSpec | dict, threads: int | None = 1) -> dict:
     """Run one trial and return its result (see :data:`RESULT_FIELDS` in the store).
 
@@ -112,7 +127,9 @@ def run_trial(spec: TrialSpec | dict, threads: int | None = 1) -> dict:
         task = workload.make(spec.seed)
         params = task.parameters()
         result["n_params"] = sum(p.numel() for p in params)
-        opt = optimkit.create(spec.name, params, **spec.hparams)
+        cls = optimkit.info(spec.name).cls
+        opt = optimkit.create(spec.name, _param_groups(cls, task, spec.hparams), **spec.hparams)
+        create_graph = cls.requires_create_graph
 
         def evaluate(step: int, train_seconds: float, train_loss: float | None) -> float:
             t0 = time.perf_counter()
@@ -130,7 +147,7 @@ def run_trial(spec: TrialSpec | dict, threads: int | None = 1) -> dict:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = task.train_loss(step)
-            loss.backward()
+            loss.backward(create_graph=create_graph)
             t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()

@@ -387,29 +387,37 @@ class CharTransformer(nn.Module):
         return self.head(self.ln(self.blocks(x)))
 
 
-_LM_CONTEXT, _LM_BATCH, _LM_VAL_WINDOWS = 64, 16, 64
+_LM_VAL_WINDOWS = 64
 
 
-def _char_lm(seed: int) -> Task:
-    corpus = stdlib_corpus()
-    model = CharTransformer(context=_LM_CONTEXT)
-    train = corpus.train.long()
-    val = corpus.val.long()
-    gen = torch.Generator().manual_seed(104_729 * seed + 11)
-    offsets = torch.arange(_LM_CONTEXT + 1)
-    # fixed validation windows, evenly spaced over the validation text
-    starts = torch.linspace(0, len(val) - _LM_CONTEXT - 2, _LM_VAL_WINDOWS).long()
-    val_windows = val[starts[:, None] + offsets]
+def _char_lm_builder(d: int, heads: int, layers: int, context: int, batch: int) -> Callable[[int], Task]:
+    """A character-level LM task on the stdlib corpus: random training windows of
+    ``context + 1`` characters (seeded), fixed, evenly spaced validation windows."""
+    def build(seed: int) -> Task:
+        corpus = stdlib_corpus()
+        model = CharTransformer(d=d, heads=heads, layers=layers, context=context)
+        train = corpus.train.long()
+        val = corpus.val.long()
+        gen = torch.Generator().manual_seed(104_729 * seed + 11)
+        offsets = torch.arange(context + 1)
+        starts = torch.linspace(0, len(val) - context - 2, _LM_VAL_WINDOWS).long()
+        val_windows = val[starts[:, None] + offsets]
 
-    def loss_on(windows: Tensor) -> Tensor:
-        logits = model(windows[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+        def loss_on(windows: Tensor) -> Tensor:
+            logits = model(windows[:, :-1])
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
 
-    def train_loss(step: int) -> Tensor:
-        s = torch.randint(0, len(train) - _LM_CONTEXT - 1, (_LM_BATCH,), generator=gen)
-        return loss_on(train[s[:, None] + offsets])
+        def train_loss(step: int) -> Tensor:
+            s = torch.randint(0, len(train) - context - 1, (batch,), generator=gen)
+            return loss_on(train[s[:, None] + offsets])
 
-    return Task(list(model.parameters()), train_loss, lambda: loss_on(val_windows).item(), model)
+        return Task(list(model.parameters()), train_loss, lambda: loss_on(val_windows).item(), model)
+
+    return build
+
+
+_char_lm = _char_lm_builder(d=64, heads=4, layers=2, context=64, batch=16)
+_char_lm_small = _char_lm_builder(d=32, heads=4, layers=2, context=32, batch=16)
 
 
 # --------------------------------------------------------------------------- registry
@@ -444,6 +452,9 @@ _add(Workload("autoencoder_digits", "autoencoder 64-32-8-32-64 on scikit-learn's
 _add(Workload("char_lm", "character-level transformer LM (2 layers, d=64, context 64, batch 16) on "
               "standard-library source text", "real", "val_loss", 2.0, 600, 50, 1e-2,
               "Python standard library source files", _char_lm, lambda: stdlib_corpus().hash))
+_add(Workload("char_lm_small", "character-level transformer LM (2 layers, d=32, 4 heads, context 32, "
+              "batch 16) on standard-library source text", "real", "val_loss", 2.3, 240, 10, 1e-2,
+              "Python standard library source files", _char_lm_small, lambda: stdlib_corpus().hash))
 
 
 def workload_names() -> list[str]:

@@ -124,6 +124,19 @@ class Optimizer(torch.optim.Optimizer):
         cls.__signature__ = inspect.Signature(sig_params)
 
     @classmethod
+    def param_groups_for(cls, model: torch.nn.Module, hyperparameters: dict) -> list[dict] | None:
+        """The param groups this optimizer should get for ``model``, or ``None``
+        for ``model.parameters()`` as one group (the default).
+
+        Tools that build optimizers for a model they did not write (``optimkit
+        bench``) call it with the constructor ``hyperparameters`` they will pass,
+        so an optimizer that needs a split by module type (Muon: hidden matrices
+        vs embeddings, head and gains) can make it. The groups hold every
+        parameter of ``model`` once.
+        """
+        return None
+
+    @classmethod
     def all_defaults(cls) -> dict[str, Any]:
         out = dict(cls.defaults)
         out.update(COMMON_DEFAULTS)

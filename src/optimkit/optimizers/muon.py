@@ -135,8 +135,18 @@ class Muon(Optimizer):
              "reshape": v.choice("auto", "flatten", "batch"), "split": v.positive_int,
              "use_muon": v.boolean, "adamw_betas": v.betas(2), "adamw_eps": v.nonneg, "nesterov": v.boolean}
 
+    #: :meth:`param_groups_for`: the AdamW group's learning rate is this times the Muon lr
+    aux_lr_ratio: float = 0.3
+
     def build(self):
         return [WeightDecay(decoupled=True), OrthogonalizedMomentum(), AuxAdamW()]
+
+    @classmethod
+    def param_groups_for(cls, model: nn.Module, hyperparameters: dict) -> list[dict]:
+        """:func:`muon_param_groups` of ``model``, the AdamW group at ``aux_lr_ratio``
+        times the Muon learning rate (``hyperparameters["lr"]``, else the default)."""
+        lr = float(hyperparameters.get("lr", cls.defaults["lr"]))
+        return muon_param_groups(model, adamw=dict(lr=lr * cls.aux_lr_ratio))
 
     def check(self, group):
         if group.get("projection") is not None:
