@@ -135,3 +135,9 @@ def steps_to_target(make_opt: Callable, problem: Callable, rel: float, max_steps
         if now <= rel * start:
             return step
     return max_steps + 1
+
+
+def tuned_steps_to_target(make_opt: Callable, lrs, problem: Callable, rel: float, max_steps: int) -> int:
+    """The fewest :func:`steps_to_target` over a grid of learning rates, for
+    ``make_opt(params, lr)``."""
+    return min(steps_to_target(lambda p, lr=lr: make_opt(p, lr), problem, rel, max_steps) for lr in lrs)

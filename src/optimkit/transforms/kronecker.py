@@ -94,11 +94,12 @@ def _product(ranges):
 
 
 def contract(x: Tensor, matrices) -> Tensor:
-    """``x`` multiplied along each of its dims by the matching (symmetric) matrix:
-    for a matrix ``x``, ``M_0 x M_1``. Contracting dim 0 and appending the result
-    as the last dim, once per dim, brings the dims back to their order."""
+    """``x`` multiplied along each of its dims by the transpose of the matching
+    matrix (``None``: that dim is left alone): for a matrix ``x``,
+    ``M_0^T x M_1``. Contracting dim 0 and appending the result as the last dim,
+    once per dim, brings the dims back to their order."""
     for m in matrices:
-        x = torch.tensordot(x, m, dims=([0], [0]))
+        x = x.movedim(0, -1) if m is None else torch.tensordot(x, m, dims=([0], [0]))
     return x
 
 
