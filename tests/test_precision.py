@@ -59,13 +59,15 @@ def plain_tensors(state: dict) -> dict[str, torch.Tensor]:
 def assert_all_encoded(opt, prec: str) -> None:
     """Every state tensor of every parameter is stored with ``prec`` (min_quant_size=0),
     except those a transform keeps at full precision."""
+    exact = {n for t in opt._transforms for n in t.full_precision}  # e.g. a subspace basis
     for p, st in opt.state.items():
         layout = st.get("_layout", {})
-        assert layout, "no encoded state at all"
+        tensors = [k for k, v in plain_tensors(st).items() if v.dim() > 0 and k != "step"]
+        # every state kept exact (schedule-free SGD's iterate z): nothing to encode
+        assert layout or (tensors and set(tensors) <= exact), "no encoded state at all"
         for name, (got, signed, shape, *_) in layout.items():
             assert got == prec, f"state {name} stored as {got}, not {prec}"
             assert signed == (name not in opt._nonnegative), f"state {name}: signed={signed}"
-        exact = {n for t in opt._transforms for n in t.full_precision}  # e.g. a subspace basis
         leftovers = [k for k, v in plain_tensors(st).items() if v.dim() > 0 and k != "step" and k not in exact]
         assert not leftovers, f"states {leftovers} were not encoded"
 
@@ -139,13 +141,13 @@ def test_resume_is_bit_exact_with_low_precision_state(name, prec):
         for key, v in saved.items():
             if isinstance(v, torch.Tensor):
                 assert st[key].dtype == v.dtype and torch.equal(st[key], v), f"{name}: loaded {key} differs"
-        assert st["_layout"] == saved["_layout"]
+        assert st.get("_layout") == saved.get("_layout")
     train(resumed, loss_fn, opt2, 10)
 
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b), f"{name}/{prec}: resumed run differs from the uninterrupted one"
     for sa, sb in zip(opt.state.values(), opt2.state.values()):
-        assert set(sa) == set(sb) and sa["_layout"] == sb["_layout"]
+        assert set(sa) == set(sb) and sa.get("_layout") == sb.get("_layout")
         for key, va in sa.items():
             if isinstance(va, torch.Tensor):
                 vb = sb[key]
@@ -192,9 +194,9 @@ def test_compiled_q8_step_agrees_with_eager(name):
     flipped = total = 0
     for p, q in zip(a, b):
         sa, sb = opt_a.state[p], opt_b.state[q]
-        assert sa["_layout"] == sb["_layout"]
+        assert sa.get("_layout") == sb.get("_layout")
         da, db = decoded(sa), decoded(sb)
-        for key, (_, signed, *_) in sa["_layout"].items():
+        for key, (_, signed, *_) in sa.get("_layout", {}).items():
             ca, cb = sa[key + ":codes"].int(), sb[key + ":codes"].int()
             ma, mb = sa[key + ":absmax"], sb[key + ":absmax"]
             torch.testing.assert_close(mb, ma, rtol=1e-3, atol=1e-12)

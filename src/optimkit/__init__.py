@@ -9,6 +9,7 @@ from . import optimizers as _optimizers  # registers every optimizer
 from .core import Optimizer, Transform, available, create, info
 from .core.memory import memory_report, state_bytes
 from .optimizers.muon import muon_param_groups
+from .optimizers.schedule_free import schedulefree_bn_update
 from .projection import APOLLO, FRUGAL, APOLLOMini, GaLore, Projection
 from .qk_clip import QKClip
 from .core.registry import _REGISTRY
@@ -19,5 +20,5 @@ for _cls in _REGISTRY.values():
     globals()[_cls.__name__] = _cls
 
 __all__ = sorted(["APOLLO", "APOLLOMini", "FRUGAL", "GaLore", "Optimizer", "Projection", "QKClip", "Transform", "available", "create", "info", "memory_report",
-                  "muon_param_groups", "state_bytes"]
+                  "muon_param_groups", "schedulefree_bn_update", "state_bytes"]
                  + [c.__name__ for c in _REGISTRY.values()])

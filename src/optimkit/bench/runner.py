@@ -131,9 +131,18 @@ def run_trial(spec: TrialSpec | dict, threads: int | None = 1) -> dict:
         opt = optimkit.create(spec.name, _param_groups(cls, task, spec.hparams), **spec.hparams)
         create_graph = cls.requires_create_graph
 
+        # optimizers with an evaluation point of their own (schedule-free) are evaluated there
+        modes = callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
+
         def evaluate(step: int, train_seconds: float, train_loss: float | None) -> float:
             t0 = time.perf_counter()
-            value = task.evaluate()
+            if modes:
+                opt.eval()
+            try:
+                value = task.evaluate()
+            finally:
+                if modes:
+                    opt.train()
             result["eval_seconds"] += time.perf_counter() - t0
             series.append((step, train_seconds, train_loss, value))
             return value

@@ -300,6 +300,11 @@ def _check_state(opt: Optimizer, pid: Any, values: Any, p: Tensor, group: dict) 
             out[key] = value
         elif value is None:  # torch keeps e.g. momentum_buffer=None for an unused buffer
             continue
+        elif key in opt.extra_state_keys:  # a tensor of the parameter's shape some modes keep
+            view = torch.view_as_real(p) if p.is_complex() else p
+            if not isinstance(value, Tensor) or tuple(value.shape) != tuple(view.shape):
+                _fail(f"{where} {key!r} must be a tensor of shape {tuple(view.shape)}, got {value!r:.80}")
+            out[key] = value
         else:
             hint = (" (a state dict of another optimizer, or saved with other settings?)"
                     if isinstance(value, Tensor) else "")
