@@ -435,6 +435,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     geo.add_argument("--vocab", type=int, default=2048, help="embedding rows (default 2048)")
     geo.add_argument("--interval", type=int, default=10, help="preconditioner refresh interval (default 10)")
     geo.add_argument("--windows", type=int, default=5, help="timed windows of --interval steps (default 5)")
+    geo.add_argument("--threads", type=int, default=None,
+                     help="torch threads (default: torch's); 1 is steadier on a loaded machine")
     geo.add_argument("--no-compile", action="store_true", help="skip optimkit's compiled Muon (~40 s compile)")
 
 
@@ -446,6 +448,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     if args.geometry:
         if args.device != "cpu":
             raise SystemExit("optimkit speed: --geometry runs on the CPU only")
+        if args.threads is not None:
+            torch.set_num_threads(max(1, args.threads))
         notes: list[str] = []
         contenders = geometry_contenders(args.interval, compile_muon=not args.no_compile, notes=notes)
         report = run_geometry(d_model=args.d_model, n_layers=args.layers, vocab=args.vocab,
