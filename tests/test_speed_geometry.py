@@ -46,6 +46,7 @@ def test_run_geometry_structure():
     report = speed.run_geometry(contenders=contenders, **TINY)
     names = [r["name"] for r in report["results"]]
     assert names == ["torch AdamW fused", "torch AdamW foreach", "optimkit AdamW eager", "optimkit Shampoo",
+                     "optimkit Shampoo blocks 256",
                      "torch Muon", "torch AdamW fused (matrices)", "optimkit Muon eager"]
     sh = report["shapes"]
     assert sh["params"] == sum(torch.Size(s).numel() for s, _ in speed.geometry_shapes(16, 1, 32))

@@ -300,6 +300,11 @@ def geometry_contenders(interval: int = 10, muon: bool = True, second_order: boo
                 note += ", grafting='adam'"
             out.append(GeometryContender(f"optimkit {label}", lambda ps, n=reg_name, hp=hp: ok.create(n, ps, **hp),
                                          note=note))
+            if reg_name == "shampoo":  # smaller blocks: cheaper roots and products, coarser preconditioner
+                hp256 = {**hp, "max_preconditioner_dim": 256}
+                out.append(GeometryContender("optimkit Shampoo blocks 256",
+                                             lambda ps, hp=hp256: ok.Shampoo(ps, **hp),
+                                             note=note + ", max_preconditioner_dim=256"))
     if muon:
         out += [
             GeometryContender("torch Muon", lambda ps: torch.optim.Muon(ps, lr=1e-3), "matrices",
