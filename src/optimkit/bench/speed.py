@@ -419,7 +419,8 @@ def format_geometry_table(report: dict) -> str:
             lines.append(f"{r['name']:<30}" + "".join(f"{c:>32}" for c in cells)
                          + (f"   [{r['note']}]" if r["note"] else ""))
     lines += [f"note: {n}" for n in report["notes"]]
-    lines.append(f"muon: {report['muon_setup']}")
+    if any(r["param_set"] == "matrices" for r in report["results"]):
+        lines.append(f"muon: {report['muon_setup']}")
     return "\n".join(lines)
 
 
