@@ -25,7 +25,6 @@ shape (:func:`kron_plan`); its last slot holds the parameter's noise key.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -67,7 +66,9 @@ class KronPlan:
         return out
 
 
-@functools.lru_cache(maxsize=4096)
+_PLANS: dict[tuple, KronPlan] = {}
+
+
 def kron_plan(shape: tuple[int, ...], max_size: int, min_ndim: int, memory_save_mode) -> KronPlan:
     """Which dims get a triangular factor: not dims of size 1, not dims above
     ``max_size``, not tensors with fewer than ``min_ndim`` dims, and not the dims
@@ -75,6 +76,14 @@ def kron_plan(shape: tuple[int, ...], max_size: int, min_ndim: int, memory_save_
     equal largest; ``"smart_one_diag"``: the largest only when strictly larger than
     the others; ``"all_diag"``: every dim)."""
     shape = tuple(int(d) for d in shape)
+    key = (shape, int(max_size), int(min_ndim), memory_save_mode)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.setdefault(key, _make_plan(*key))
+    return plan
+
+
+def _make_plan(shape: tuple[int, ...], max_size: int, min_ndim: int, memory_save_mode) -> KronPlan:
     if not shape:
         return KronPlan(shape, ((0, 1, False),), 2)
     n = len(shape)
