@@ -378,3 +378,12 @@ def test_copy_continues_identically():
     run_with_grads(opt2, params2, stream[4:])
     for p, q in zip(params, params2):
         assert torch.equal(p, q)
+
+
+def test_meta_parameters_step_eagerly():
+    ps = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in [(4, 3), (5,), ()]]
+    opt = ok.PSGDKron(ps, preconditioner_update_probability=1.0)
+    for p in ps:
+        p.grad = torch.empty_like(p)
+    opt.step()
+    assert all(p.device.type == "meta" for p in ps)

@@ -177,6 +177,8 @@ def _(like, seed, step_lo, step_hi, key):
 def _draw(like: Tensor, seed: int, step_lo, step_hi, key: Tensor) -> Tensor:
     if isinstance(step_lo, Tensor):  # compiled: one opaque operator
         return torch.ops.optimkit.psgd_noise(like, seed, step_lo, step_hi, key)
+    if like.device.type == "meta":  # shapes only
+        return torch.empty_like(like)
     step = int(step_lo) + (int(step_hi) << _STEP_SPLIT)
     return noise(like.shape, like.dtype, like.device, seed, step, int(key.item()))
 
