@@ -1,25 +1,18 @@
 """PSGD-Kron: a Kronecker-factored preconditioner fitted on the Lie group."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ..core import validation as v
 from ..core.optimizer import Optimizer
 from ..transforms.psgd_kron import DTYPES, MEMORY_SAVE_MODES, PSGDKronPreconditioner
+from .shampoo import _positive_eps as _positive_finite  # a positive, finite float
 
 
 def _b1(name: str, value: Any) -> float:
     x = v.real(name, value)
     if not 0.0 <= x < 1.0:
         raise ValueError(f"Invalid {name}: {x} (must be in [0, 1))")
-    return x
-
-
-def _positive_finite(name: str, value: Any) -> float:
-    x = v.positive(name, value)
-    if not math.isfinite(x):
-        raise ValueError(f"Invalid {name}: {x} (must be finite)")
     return x
 
 
