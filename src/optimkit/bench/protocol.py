@@ -163,11 +163,11 @@ class SuiteDefaults:
 
 #: Popular optimizers compared by the quick suite (unregistered ones are skipped with a note).
 QUICK_OPTIMIZERS = ("adamw", "sgd:momentum=0.9", "nadam", "radam", "lion", "adagrad", "rmsprop",
-                    "adan", "adabelief", "adopt", "muon")
+                    "adan", "adabelief", "adopt", "muon", "prodigy", "schedulefree_adamw")
 #: ... plus the geometry-aware and second-order optimizers where this optimkit has them
 STANDARD_OPTIMIZERS = QUICK_OPTIMIZERS + (
     "adam", "sgd:momentum=0.9,nesterov=true", "adamax", "yogi", "diffgrad", "adamp", "lamb",
-    "ademamix", "grams", "adafactor", "came", "schedulefree_adamw", "prodigy",
+    "ademamix", "grams", "adafactor", "came",
     "soap", "shampoo", "psgd_kron", "sophia_h", "adahessian")
 
 SUITES: dict[str, SuiteDefaults] = {
@@ -175,8 +175,8 @@ SUITES: dict[str, SuiteDefaults] = {
         workloads=("rosenbrock", "quadratic", "noisy_quadratic", "logreg_cancer", "mlp_digits",
                    "autoencoder_digits", "char_lm_small"),
         optimizers=QUICK_OPTIMIZERS, n_trials=8, tune_seeds=(0,), eval_seeds=(1000, 1001, 1002),
-        description="7 fast workloads (one a small transformer LM), 11 popular optimizers, "
-                    "8-point lr grid, 3 held-out seeds (4-5 minutes with --jobs 2, 9 on one core)"),
+        description="7 fast workloads (one a small transformer LM), 13 popular optimizers, "
+                    "8-point lr grid, 3 held-out seeds (5-6 minutes with --jobs 2, 11 on one core)"),
     "standard": SuiteDefaults(
         workloads=("rosenbrock", "quadratic", "noisy_quadratic", "logreg_cancer", "mlp_digits",
                    "cnn_digits", "autoencoder_digits", "char_lm_small", "char_lm"),
