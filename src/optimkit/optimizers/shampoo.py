@@ -119,7 +119,7 @@ class Shampoo(Optimizer):
     family = "second-order"
     paper = "Shampoo: Preconditioned Stochastic Tensor Optimization"
     reference = "distributed_shampoo.DistributedShampoo (facebookresearch/optimizers)"
-    state_bytes = 12  # filtered gradient + grafting state + factors/roots of 1024^2 blocks (8 / 1024 * 2)
+    state_bytes = 24  # filtered gradient 4 + grafting 4 + factors 8 + roots 8 (square blocks: 2 d^2 each)
     defaults = dict(lr=1e-2, betas=(0.9, 1.0), beta3=-1.0, epsilon=1e-12, momentum=0.0, dampening=0.0,
                     weight_decay=0.0, max_preconditioner_dim=1024, precondition_frequency=1,
                     start_preconditioning_step=-1, inverse_exponent_override=None, use_nesterov=False,

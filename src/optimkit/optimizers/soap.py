@@ -49,7 +49,7 @@ class SOAP(Optimizer):
     family = "second-order"
     paper = "SOAP: Improving and Stabilizing Shampoo using Adam"
     reference = "soap.SOAP (nikhilvyas/SOAP); pytorch_optimizer.SOAP"
-    state_bytes = 8  # m and v; plus factors and bases, 8 (m^2 + n^2) bytes per m x n matrix
+    state_bytes = 24  # m and v 8 + factors 8 + bases 8 for a square matrix (8 (m^2 + n^2) bytes each for m x n)
     defaults = dict(lr=3e-3, betas=(0.95, 0.95), shampoo_beta=-1.0, eps=1e-8, weight_decay=0.01,
                     precondition_frequency=10, max_precond_dim=10000, merge_dims=False, precondition_1d=False,
                     normalize_grads=False, data_format="channels_first", correct_bias=True)
