@@ -36,6 +36,8 @@ CONTRACT_HP: dict[str, dict] = {
     # grafted and with a ridge: without them inverse roots of rank-deficient factors amplify
     # rounding differences (compiled vs eager) far above the 1e-6 contract bar
     "shampoo": dict(lr=1e-2, grafting="adam", epsilon=1e-2),
+    # the silent phase would leave the first ~5 steps without any update
+    "schedulefree_radam": dict(silent_sgd_phase=False),
 }
 
 

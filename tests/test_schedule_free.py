@@ -18,6 +18,9 @@ PAIRS = {
     "adamw": (ok.ScheduleFreeAdamW, "AdamWScheduleFree", dict(lr=0.05, weight_decay=0.01, warmup_steps=5)),
     "adamw_r": (ok.ScheduleFreeAdamW, "AdamWScheduleFree",
                 dict(lr=0.02, betas=(0.8, 0.99), r=0.5, weight_lr_power=1.0, eps=1e-6)),
+    "radam": (ok.ScheduleFreeRAdam, "RAdamScheduleFree", dict(lr=0.2, weight_decay=0.01)),
+    "radam_loud": (ok.ScheduleFreeRAdam, "RAdamScheduleFree",
+                   dict(lr=0.1, betas=(0.9, 0.99), silent_sgd_phase=False, r=0.5)),
     "sgd": (ok.ScheduleFreeSGD, "SGDScheduleFree", dict(lr=0.1, weight_decay=0.01, warmup_steps=5)),
     "sgd_r": (ok.ScheduleFreeSGD, "SGDScheduleFree", dict(lr=0.05, momentum=0.5, r=1.0)),
 }
@@ -103,14 +106,14 @@ def _roundtrip(obj):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("name", ["schedulefree_adamw", "schedulefree_sgd"])
+@pytest.mark.parametrize("name", ["schedulefree_adamw", "schedulefree_sgd", "schedulefree_radam"])
 def test_state_dict_from_either_mode_resumes_exactly(name, mode):
     """Uninterrupted: 15 steps, eval (evaluate), train, 15 steps. Resumed: the same
     first half, model and optimizer saved in `mode` and loaded into fresh objects
     (torch.load defaults), train(), the second half: bit-identical weights and state."""
     model, loss_fn = digits_problem(n=64)
     fresh = copy.deepcopy(model)
-    hp = dict(lr=0.05) if name == "schedulefree_adamw" else dict(lr=0.2)
+    hp = dict(lr=0.2) if name == "schedulefree_sgd" else dict(lr=0.05)
     opt = ok.create(name, model.parameters(), **hp)
 
     def steps(m, o, n):

@@ -125,6 +125,32 @@ class ScheduleFreeAdamW(_ScheduleFree):
         return group["betas"][0]
 
 
+class ScheduleFreeRAdam(_ScheduleFree):
+    r"""Schedule-free RAdam (the authors' ``RAdamScheduleFree``): as
+    :class:`ScheduleFreeAdamW` with RAdam's rectification in place of warmup: the
+    step is ``lr r_k`` with ``r_k`` RAdam's variance rectification while
+    ``rho_k > 4``; before that, plain (unnormalized) steps at ``lr`` or, with
+    ``silent_sgd_phase`` (default), no step at all.
+
+    Checked against ``schedulefree.RAdamScheduleFree`` (tests/test_schedule_free.py).
+    """
+
+    name = "schedulefree_radam"
+    paper = "The Road Less Scheduled"
+    reference = "schedulefree.RAdamScheduleFree (facebookresearch/schedule_free)"
+    state_bytes = 8
+    defaults = dict(lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, r=0.0, weight_lr_power=2.0,
+                    silent_sgd_phase=True, train_mode=True)
+    rules = {"betas": _betas, "eps": v.nonneg, "weight_decay": v.nonneg, "r": v.nonneg,
+             "weight_lr_power": v.nonneg, "silent_sgd_phase": v.boolean, "train_mode": v.boolean}
+
+    def build(self):
+        return [ScheduleFreeStep(adaptive=True, rectified=True)]
+
+    def _beta(self, group):
+        return group["betas"][0]
+
+
 class ScheduleFreeSGD(_ScheduleFree):
     r"""Schedule-free SGD (Defazio et al. 2024): as :class:`ScheduleFreeAdamW`
     without the second moment, ``momentum`` in place of ``betas[0]``. State: ``z``.
