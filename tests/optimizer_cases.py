@@ -43,3 +43,11 @@ CONTRACT_HP: dict[str, dict] = {
 
 def contract_hp(name: str) -> dict:
     return dict(CONTRACT_HP.get(name, {}))
+
+
+def gradient_names() -> list[str]:
+    """Registered optimizers driven by gradients: every one but the zeroth-order
+    rules (MeZO), which take a loss closure instead (tests/test_mezo.py)."""
+    import optimkit as ok
+
+    return [n for n in ok.available() if not ok.info(n).cls.gradient_free]

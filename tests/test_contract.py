@@ -8,9 +8,9 @@ import torch
 
 import optimkit as ok
 from helpers import grad_stream, make_params, mlp_problem, run_with_grads, train, two_groups
-from optimizer_cases import contract_hp
+from optimizer_cases import contract_hp, gradient_names
 
-NAMES = ok.available()
+NAMES = gradient_names()
 
 
 def needs_graph(name: str) -> bool:

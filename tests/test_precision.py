@@ -31,11 +31,11 @@ import torch
 
 import optimkit as ok
 from helpers import digits_split, grad_stream, make_params, mlp_problem, train, two_groups
-from optimizer_cases import contract_hp
+from optimizer_cases import contract_hp, gradient_names
 from optimkit.kernels import q8_adamw
 from optimkit.state import dynamic_map, get_codec
 
-NAMES = ok.available()
+NAMES = gradient_names()
 LOW = ("bf16", "q8", "q4", "fp8")
 
 

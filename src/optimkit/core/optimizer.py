@@ -103,6 +103,8 @@ class Optimizer(torch.optim.Optimizer):
     #: the step reads second-order information from the gradient's graph (Hessian-vector
     #: products): the loss must be backpropagated with ``backward(create_graph=True)``
     requires_create_graph: ClassVar[bool] = False
+    #: the rule never reads gradients (zeroth-order: a closure returning the loss drives it)
+    gradient_free: ClassVar[bool] = False
     #: state keys that only some modes hold (a schedule-free optimizer's kept iterate in
     #: eval mode): loaded when present, never passed to the update rule
     extra_state_keys: ClassVar[tuple[str, ...]] = ()
