@@ -129,7 +129,7 @@ class cosine(Schedule):
     """Linear warmup, then cosine ("SGDR") ``r + (1 - r)(1 + cos(2π c p))/2`` with ``p`` the
     progress after warmup, ``c = num_cycles`` (0.5: one half-wave down to ``r``) and
     ``r = min_lr_ratio``. Equals ``transformers.get_cosine_schedule_with_warmup``
-    (its ``min_lr_rate`` is ``min_lr_ratio`` here). Past ``num_training_steps`` the
+    (``get_cosine_with_min_lr_schedule_with_warmup`` with ``min_lr_rate=min_lr_ratio``). Past ``num_training_steps`` the
     formula continues (as in transformers); with ``num_cycles=0.5`` it rises again, so
     stop there or use :func:`wsd`/``clamp=True`` (holds the end value)."""
 
