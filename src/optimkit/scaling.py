@@ -195,9 +195,10 @@ def param_groups(model: nn.Module, *, lr: float | None = None, weight_decay: flo
     Groups, in this order, the empty ones left out:
 
     - ``"decay"``: matrices and vectors (with ``split=True``: ``"matrix"`` and ``"vector"``,
-      with the extra hyperparameters ``matrix=`` / ``vector=``), and embeddings unless
-      ``embedding`` is given;
-    - ``"embedding"``: embedding weights, when ``embedding=dict(...)`` is given (e.g. its own lr);
+      with the extra hyperparameters ``matrix=`` / ``vector=``), and embeddings (with the
+      matrices) unless ``embedding`` or ``width`` is given;
+    - ``"embedding"``: embedding weights, when ``embedding=dict(...)`` is given (e.g. its own lr)
+      or under the width rule (lr kept, no weight decay);
     - ``"no_decay"``: the kinds in ``no_decay`` (default biases and norm parameters; add
       ``"embedding"`` or ``"vector"``) with ``weight_decay=0.0``;
     - ``"override:<pattern>"``: for ``overrides={pattern: hp}``, parameters whose name matches
@@ -208,8 +209,8 @@ def param_groups(model: nn.Module, *, lr: float | None = None, weight_decay: flo
     ``lr`` and ``weight_decay`` are written into the groups when given (else the optimizer's
     defaults apply). ``width`` and ``base_width`` (with ``lr``) apply the AdamW width rule of
     :func:`width_lr` / :func:`width_weight_decay` to matrices: lr ``* base_width / width``,
-    weight decay ``* width / base_width``; the other kinds keep ``lr`` (and get no decay if
-    in ``no_decay``).
+    weight decay ``* width / base_width``; the other kinds keep ``lr`` and get no weight decay
+    (vectors then form their own group, as with ``split=True``).
     """
     kinds = param_kinds(model)
     no_decay = (no_decay,) if isinstance(no_decay, str) else tuple(no_decay)
@@ -240,13 +241,17 @@ def param_groups(model: nn.Module, *, lr: float | None = None, weight_decay: flo
             return "no_decay", {**base, "weight_decay": 0.0}
         if kind == "embedding" and emb_hp is not None:
             return "embedding", {**base, **emb_hp}
-        if kind == "matrix":
+        if kind == "embedding" and mult is not None:  # the width rule: embeddings keep lr, no decay
+            return "embedding", {**base, **({"weight_decay": 0.0} if "weight_decay" in base else {})}
+        if kind in ("matrix", "embedding"):
             hp = dict(base)
             if mult is not None:
                 hp["lr"] = base["lr"] / mult
                 if "weight_decay" in hp:
                     hp["weight_decay"] = hp["weight_decay"] * mult
-            return ("matrix", {**hp, **matrix_hp}) if split else ("decay", hp)
+            return ("matrix", {**hp, **matrix_hp}) if split or mult is not None else ("decay", hp)
+        if mult is not None:  # the width rule: vectors keep lr and get no weight decay
+            return "vector", {**base, **({"weight_decay": 0.0} if "weight_decay" in base else {}), **vector_hp}
         return ("vector", {**base, **vector_hp}) if split else ("decay", dict(base))
 
     matchers = [(pat, _matcher(pat), _hp(f"overrides[{pat!r}]", hp)) for pat, hp in (overrides or {}).items()] \
