@@ -50,6 +50,16 @@ def _warmup(step: int, num_warmup_steps: int) -> float:
     return float(step) / float(max(1, num_warmup_steps))
 
 
+def _lengths(num_training_steps: Any, num_warmup_steps: Any, strict: bool = False) -> tuple[int, int]:
+    """Validated ``(num_training_steps, num_warmup_steps)``: warmup <= (``strict``: <) training."""
+    total = v.positive_int("num_training_steps", num_training_steps)
+    warm = v.nonneg_int("num_warmup_steps", num_warmup_steps)
+    if warm > total or (strict and warm == total):
+        raise ValueError(f"Invalid num_warmup_steps: {warm} (must be {'<' if strict else '<='} "
+                         f"num_training_steps = {total})")
+    return total, warm
+
+
 class Schedule:
     """Base: ``schedule(step) -> factor`` (a float, pure in the step) and ``schedule.scheduler(opt)``.
 
@@ -108,11 +118,7 @@ class linear(Schedule):
     linear decay ``1 - t/T``."""
 
     def __init__(self, num_training_steps: int, num_warmup_steps: int = 0, min_lr_ratio: float = 0.0):
-        self.num_training_steps = v.positive_int("num_training_steps", num_training_steps)
-        self.num_warmup_steps = v.nonneg_int("num_warmup_steps", num_warmup_steps)
-        if self.num_warmup_steps > self.num_training_steps:
-            raise ValueError(f"Invalid num_warmup_steps: {num_warmup_steps} (must be <= num_training_steps "
-                             f"= {num_training_steps})")
+        self.num_training_steps, self.num_warmup_steps = _lengths(num_training_steps, num_warmup_steps)
         self.min_lr_ratio = v.closed_unit("min_lr_ratio", min_lr_ratio)
 
     def factor(self, step):
@@ -135,11 +141,7 @@ class cosine(Schedule):
 
     def __init__(self, num_training_steps: int, num_warmup_steps: int = 0, num_cycles: float = 0.5,
                  min_lr_ratio: float = 0.0, clamp: bool = False):
-        self.num_training_steps = v.positive_int("num_training_steps", num_training_steps)
-        self.num_warmup_steps = v.nonneg_int("num_warmup_steps", num_warmup_steps)
-        if self.num_warmup_steps > self.num_training_steps:
-            raise ValueError(f"Invalid num_warmup_steps: {num_warmup_steps} (must be <= num_training_steps "
-                             f"= {num_training_steps})")
+        self.num_training_steps, self.num_warmup_steps = _lengths(num_training_steps, num_warmup_steps)
         self.num_cycles = v.positive("num_cycles", num_cycles)
         self.min_lr_ratio = v.closed_unit("min_lr_ratio", min_lr_ratio)
         self.clamp = v.boolean("clamp", clamp)
@@ -164,11 +166,7 @@ class cosine_restarts(Schedule):
 
     def __init__(self, num_training_steps: int, num_warmup_steps: int = 0, num_cycles: int = 1,
                  min_lr_ratio: float = 0.0):
-        self.num_training_steps = v.positive_int("num_training_steps", num_training_steps)
-        self.num_warmup_steps = v.nonneg_int("num_warmup_steps", num_warmup_steps)
-        if self.num_warmup_steps > self.num_training_steps:
-            raise ValueError(f"Invalid num_warmup_steps: {num_warmup_steps} (must be <= num_training_steps "
-                             f"= {num_training_steps})")
+        self.num_training_steps, self.num_warmup_steps = _lengths(num_training_steps, num_warmup_steps)
         self.num_cycles = v.positive_int("num_cycles", num_cycles)
         self.min_lr_ratio = v.closed_unit("min_lr_ratio", min_lr_ratio)
 
@@ -278,11 +276,8 @@ class polynomial(Schedule):
 
     def __init__(self, num_training_steps: int, num_warmup_steps: int = 0, lr_end: float = 0.0,
                  power: float = 1.0, lr_init: float = 1.0):
-        self.num_training_steps = v.positive_int("num_training_steps", num_training_steps)
-        self.num_warmup_steps = v.nonneg_int("num_warmup_steps", num_warmup_steps)
-        if self.num_warmup_steps >= self.num_training_steps:
-            raise ValueError(f"Invalid num_warmup_steps: {num_warmup_steps} (must be < num_training_steps "
-                             f"= {num_training_steps})")
+        self.num_training_steps, self.num_warmup_steps = _lengths(num_training_steps, num_warmup_steps,
+                                                                  strict=True)
         self.lr_init = v.positive("lr_init", lr_init)
         self.lr_end = v.nonneg("lr_end", lr_end)
         if not self.lr_end < self.lr_init:
