@@ -297,3 +297,41 @@ def test_wsd_both_lengths_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         S.wsd(2, 2, num_training_steps=100)
+
+
+_C = math.cos
+CLOSED_FORMS = [  # (schedule, {step: closed form}) at start, end of warmup, middle, end
+    (S.constant(20), {0: 0.0, 20: 1.0, 60: 1.0, 100: 1.0}),
+    (S.linear_warmup(20), {0: 0.0, 10: 0.5, 20: 1.0, 100: 1.0}),
+    (S.linear(100, 20), {0: 0.0, 20: 1.0, 60: 0.5, 100: 0.0}),
+    (S.cosine(100, 20, min_lr_ratio=0.1), {0: 0.0, 20: 1.0, 60: 0.55, 80: 0.1 + 0.9 * (1 + _C(0.75 * math.pi)) / 2,
+                                           100: 0.1}),
+    (S.cosine_restarts(100, 20, num_cycles=2), {0: 0.0, 20: 1.0, 40: 0.5, 60: 1.0, 80: 0.5, 100: 0.0}),
+    (S.wsd(20, 40, 100, decay_type="cosine", min_lr_ratio=0.2), {0: 0.2, 20: 1.0, 50: 1.0, 80: 0.6, 100: 0.2}),
+    (S.wsd(20, 40, 100, warmup_type="cosine", decay_type="1-sqrt"), {10: 0.5, 20: 1.0, 70: 1 - 0.25 ** 0.5,
+                                                                      100: 0.0}),
+    (S.inverse_sqrt(25), {0: 0.0, 25: 1.0, 100: 0.5, 2500: 0.1}),
+    (S.polynomial(120, 20, power=3.0), {0: 0.0, 20: 1.0, 70: 0.125, 120: 0.0}),
+    (S.one_cycle(100, pct_start=0.1, div_factor=10, final_div_factor=100),  # up over steps 0..9, down to 99
+     {0: 0.1, 9: 1.0, 54: (1 + 1e-3) / 2, 99: 1e-3}),
+    (S.refined([2.0] * 51), {0: 1.0, 25: 0.5, 50: 0.0}),
+]
+
+
+@pytest.mark.parametrize("sched,points", CLOSED_FORMS, ids=lambda x: type(x).__name__ if isinstance(x, S.Schedule)
+                         else "")
+def test_every_schedule_closed_forms(sched, points):
+    for t, want in points.items():
+        assert sched(t) == pytest.approx(want, rel=1e-9, abs=1e-12), (sched, t)
+
+
+@pytest.mark.parametrize("sched,points", CLOSED_FORMS[:4], ids=lambda x: type(x).__name__
+                         if isinstance(x, S.Schedule) else "")
+def test_every_schedule_scales_each_group_lr(sched, points):
+    opt = _opt(groups=(0.3, 0.02))
+    lr = sched.scheduler(opt)
+    for t in range(max(points) + 1):
+        if t in points:
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.3 * points[t], 0.02 * points[t]])
+        opt.step()
+        lr.step()
