@@ -244,6 +244,18 @@ def test_refined_state_dict_weights_only():
     assert tuple(state["lr_lambdas"][0]["weights"]) == lr.lr_lambdas[0].weights
 
 
+def test_preconditioned_norm():
+    gen = torch.Generator().manual_seed(3)
+    g = [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen)]
+    vv = [torch.rand(3, 4, generator=gen), torch.rand(5, generator=gen)]
+    want = math.sqrt(sum((a.double() ** 2 / ((b.double() / 0.1).sqrt() + 1e-8)).sum().item() for a, b in zip(g, vv)))
+    assert S.preconditioned_norm(g, vv, bias_correction=0.1) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="second_moments"):
+        S.preconditioned_norm(g, vv[:1])
+    with pytest.raises(ValueError, match=r"second_moments\[1\]"):
+        S.preconditioned_norm(g, [vv[0], torch.ones(4)])
+
+
 def test_median_filter():
     assert S.median_filter([1, 9, 2, 8, 3], 3) == [1, 2, 8, 3, 3]
     assert S.median_filter([5, 1, 4], 1) == [5, 1, 4]

@@ -28,7 +28,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from .core import validation as v
 
 __all__ = ["Schedule", "constant", "linear_warmup", "linear", "cosine", "cosine_restarts", "wsd",
-           "inverse_sqrt", "polynomial", "one_cycle", "refined", "refined_weights", "median_filter"]
+           "inverse_sqrt", "polynomial", "one_cycle", "refined", "refined_weights", "median_filter",
+           "preconditioned_norm"]
 
 
 def _step(step: Any) -> int:
@@ -378,6 +379,27 @@ def refined_weights(grad_norms: Sequence[float], smoothing: float = 0.0, power: 
     tail = inv.flip(0).cumsum(0).flip(0) - inv  # sum over p > t
     w = inv * tail
     return (w / w.max()).tolist()
+
+
+def preconditioned_norm(grads: Sequence[torch.Tensor], second_moments: Sequence[torch.Tensor], eps: float = 1e-8,
+                        bias_correction: float = 1.0) -> float:
+    """``sqrt(Σ_i g_i² / (sqrt(v_i / bias_correction) + eps))`` over all tensors: the gradient
+    norm in an Adam-type optimizer's diagonal geometry, to log per step for :class:`refined`
+    with such optimizers (``bias_correction = 1 - beta2**step`` for Adam's ``v̂``)."""
+    grads, vs = list(grads), list(second_moments)
+    if len(grads) != len(vs):
+        raise ValueError(f"Invalid second_moments: {len(vs)} tensors for {len(grads)} gradients")
+    eps = v.nonneg("eps", eps)
+    bc = v.positive("bias_correction", bias_correction)
+    total = 0.0
+    for i, (g, m) in enumerate(zip(grads, vs)):
+        if not isinstance(g, torch.Tensor) or not isinstance(m, torch.Tensor):
+            raise TypeError(f"grads[{i}] and second_moments[{i}] must be tensors")
+        if g.shape != m.shape:
+            raise ValueError(f"Invalid second_moments[{i}]: shape {tuple(m.shape)}, gradient {tuple(g.shape)}")
+        g64, m64 = g.detach().double(), m.detach().double()
+        total += (g64.square() / ((m64 / bc).sqrt() + eps)).sum().item()
+    return math.sqrt(total)
 
 
 class refined(Schedule):
