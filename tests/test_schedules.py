@@ -117,6 +117,17 @@ def test_wsd_equals_transformers_exactly(kw):
     assert ours == ref
 
 
+@pytest.mark.parametrize("decay_type", ["linear", "1-sqrt", "1-square"])
+def test_wsd_matches_pytorch_optimizer(decay_type):
+    """pytorch_optimizer's get_wsd_schedule: warmup from 0 and min_lr_ratio used by its cosine
+    cooldown only, so the two agree with min_lr_ratio=0 and a linear warmup (its formulas
+    differ in rounding: approx)."""
+    lrs = pytest.importorskip("pytorch_optimizer.lr_scheduler")
+    ref = lrs.get_wsd_schedule(_opt(), 10, 60, 30, cooldown_type=decay_type)
+    ours = S.wsd(10, 30, num_stable_steps=60, decay_type=decay_type)
+    assert ours.values(120) == pytest.approx([ref.lr_lambdas[0](t) for t in range(120)], rel=1e-12, abs=1e-15)
+
+
 @pytest.mark.parametrize("w,T", [(0, 50), (10, 100), (1, 3)])
 def test_other_schedules_equal_transformers_exactly(w, T):
     n = T + 20
@@ -322,6 +333,8 @@ CLOSED_FORMS = [  # (schedule, {step: closed form}) at start, end of warmup, mid
     (S.wsd(20, 40, 100, decay_type="cosine", min_lr_ratio=0.2), {0: 0.2, 20: 1.0, 50: 1.0, 80: 0.6, 100: 0.2}),
     (S.wsd(20, 40, 100, warmup_type="cosine", decay_type="1-sqrt"), {10: 0.5, 20: 1.0, 70: 1 - 0.25 ** 0.5,
                                                                       100: 0.0}),
+    (S.wsd(20, 40, 100, warmup_type="1-sqrt", decay_type="1-square"), {0: 0.0, 15: 0.5, 20: 1.0, 80: 0.75,
+                                                                       100: 0.0}),
     (S.inverse_sqrt(25), {0: 0.0, 25: 1.0, 100: 0.5, 2500: 0.1}),
     (S.polynomial(120, 20, power=3.0), {0: 0.0, 20: 1.0, 70: 0.125, 120: 0.0}),
     (S.one_cycle(100, pct_start=0.1, div_factor=10, final_div_factor=100),  # up over steps 0..9, down to 99

@@ -194,7 +194,8 @@ class wsd(Schedule):
     ``min_lr_ratio`` over ``num_decay_steps``, then ``min_lr_ratio``. Give
     ``num_training_steps`` (the stable phase is what remains) or ``num_stable_steps``
     (used when both are given, with a warning). Shapes: ``"linear"``, ``"cosine"``
-    (``num_cycles`` waves; 0.5: one half-wave), ``"1-sqrt"`` (decay ``1 - sqrt(p)``).
+    (``num_cycles`` waves; 0.5: one half-wave), ``"1-sqrt"`` (decay ``1 - sqrt(p)``), and for
+    the decay also ``"1-square"`` (``1 - p**2``, not in transformers).
     Values equal ``transformers.get_wsd_schedule`` exactly, same arguments."""
 
     def __init__(self, num_warmup_steps: int, num_decay_steps: int, num_training_steps: int | None = None,
@@ -218,7 +219,7 @@ class wsd(Schedule):
             num_stable_steps = v.nonneg_int("num_stable_steps", num_stable_steps)
         self.num_stable_steps = num_stable_steps
         self.warmup_type = _choice("warmup_type", warmup_type, _SHAPES)
-        self.decay_type = _choice("decay_type", decay_type, _SHAPES)
+        self.decay_type = _choice("decay_type", decay_type, _SHAPES + ("1-square",))
         self.min_lr_ratio = v.closed_unit("min_lr_ratio", min_lr_ratio)
         self.num_cycles = v.positive("num_cycles", num_cycles)
 
@@ -242,8 +243,10 @@ class wsd(Schedule):
                 f = 1.0 - p
             elif self.decay_type == "cosine":
                 f = 0.5 * (1.0 + math.cos(math.pi * float(self.num_cycles) * 2.0 * p))
-            else:
+            elif self.decay_type == "1-sqrt":
                 f = 1.0 - math.sqrt(p)
+            else:
+                f = 1.0 - p * p
             return max(0.0, f * (1.0 - r) + r)
         return r
 
