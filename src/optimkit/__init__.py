@@ -11,6 +11,7 @@ from .core.memory import memory_report, state_bytes
 from .optimizers.muon import muon_param_groups
 from .projection import APOLLO, FRUGAL, APOLLOMini, GaLore, Projection
 from .qk_clip import QKClip
+from . import curvature
 from .core.registry import _REGISTRY
 
 __version__ = "0.1.0"
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 for _cls in _REGISTRY.values():
     globals()[_cls.__name__] = _cls
 
-__all__ = sorted(["APOLLO", "APOLLOMini", "FRUGAL", "GaLore", "Optimizer", "Projection", "QKClip", "Transform", "available", "create", "info", "memory_report",
+__all__ = sorted(["APOLLO", "curvature", "APOLLOMini", "FRUGAL", "GaLore", "Optimizer", "Projection", "QKClip", "Transform", "available", "create", "info", "memory_report",
                   "muon_param_groups", "state_bytes"]
                  + [c.__name__ for c in _REGISTRY.values()])
