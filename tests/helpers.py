@@ -66,7 +66,10 @@ def digits_problem(seed: int = 0, n: int = 256):
     return model, lambda m: torch.nn.functional.cross_entropy(m(x), y)
 
 
-def train(model, loss_fn, opt, steps: int, create_graph: bool = False) -> list[float]:
+def train(model, loss_fn, opt, steps: int, create_graph: bool | None = None) -> list[float]:
+    """``steps`` closure steps; ``create_graph=None``: as the optimizer requires."""
+    if create_graph is None:
+        create_graph = getattr(type(opt), "requires_create_graph", False)
     losses = []
     for _ in range(steps):
         def closure():
