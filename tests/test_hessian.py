@@ -169,47 +169,38 @@ def test_hutchinson_estimate_is_exact_on_separable_problem():
     torch.testing.assert_close(opt.state[params[0]]["exp_hessian_diag_sq"], d * d)
 
 
-def test_adahessian_matches_torch_optimizer():
-    torch_optimizer = pytest.importorskip("torch_optimizer")
-    a, loss_fn, _ = _separable(SHAPES, dtype=torch.float32)
+def _matches_peer(shapes, make_ours, make_peer, steps):
+    """Both optimizers from the same float32 start on the separable problem, ``steps``
+    steps each with create_graph backward: parameters equal to float32 rounding."""
+    a, loss_fn, _ = _separable(shapes, dtype=torch.float32)
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    hp = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.01, hessian_power=1.0)
-    ours = ok.AdaHessian(a, **hp)
-    peer = torch_optimizer.Adahessian(b, **hp)
-    for _ in range(10):
+    ours, peer = make_ours(a), make_peer(b)
+    for _ in range(steps):
         _run(ours, a, loss_fn, 1)
         _run(peer, b, loss_fn, 1)
     for p, q in zip(a, b):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_adahessian_matches_torch_optimizer():
+    torch_optimizer = pytest.importorskip("torch_optimizer")
+    hp = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.01, hessian_power=1.0)
+    _matches_peer(SHAPES, lambda ps: ok.AdaHessian(ps, **hp), lambda ps: torch_optimizer.Adahessian(ps, **hp), 10)
 
 
 def test_adahessian_matches_pytorch_optimizer():
     pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
     shapes = [(3, 4), (5,)]  # no 4-D kernels: pytorch_optimizer does not average them
-    a, loss_fn, _ = _separable(shapes, dtype=torch.float32)
-    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    ours = ok.AdaHessian(a, lr=0.05, eps=1e-4, weight_decay=0.01)
-    peer = pytorch_optimizer.AdaHessian(b, lr=0.05, eps=1e-4, weight_decay=0.01, update_period=1)
-    for _ in range(10):
-        _run(ours, a, loss_fn, 1)
-        _run(peer, b, loss_fn, 1)
-    for p, q in zip(a, b):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    hp = dict(lr=0.05, eps=1e-4, weight_decay=0.01)
+    _matches_peer(shapes, lambda ps: ok.AdaHessian(ps, **hp),
+                  lambda ps: pytorch_optimizer.AdaHessian(ps, update_period=1, **hp), 10)
 
 
 def test_sophia_h_matches_pytorch_optimizer():
     pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
-    a, loss_fn, _ = _separable(SHAPES, dtype=torch.float32)
-    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     hp = dict(lr=0.05, betas=(0.96, 0.99), weight_decay=0.01, p=0.05, update_period=3,
               hessian_distribution="rademacher")
-    ours = ok.SophiaH(a, **hp)
-    peer = pytorch_optimizer.SophiaH(b, **hp)
-    for _ in range(12):
-        _run(ours, a, loss_fn, 1)
-        _run(peer, b, loss_fn, 1)
-    for p, q in zip(a, b):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    _matches_peer(SHAPES, lambda ps: ok.SophiaH(ps, **hp), lambda ps: pytorch_optimizer.SophiaH(ps, **hp), 12)
 
 
 @pytest.mark.parametrize("cls", [ok.AdaHessian, ok.SophiaH])
