@@ -257,8 +257,9 @@ def test_bad_arguments():
     for kw in (dict(rho=-0.1), dict(bs=0.0)):
         with pytest.raises(ValueError, match=next(iter(kw))):
             ok.SophiaG(p, **kw)
-    with pytest.raises(ValueError, match="projection"):
-        ok.AdaHessian(p, projection=ok.GaLore(rank=1))
+    for cls in (ok.AdaHessian, ok.SophiaH, ok.SophiaG):
+        with pytest.raises(ValueError, match="projection"):
+            cls(p, projection=ok.GaLore(rank=1))
 
 
 def _digits_mlp():
@@ -268,11 +269,12 @@ def _digits_mlp():
     return model, x, y, xv, yv
 
 
-@pytest.mark.parametrize("name,hp", [("adahessian", dict(lr=0.05)), ("sophia_h", dict(lr=0.05, p=0.05))])
-def test_trains_digits(name, hp):
+@pytest.mark.parametrize("name,hp,steps", [("adahessian", {}, 40), ("sophia_h", dict(lr=0.05, p=0.05), 60)])
+def test_trains_digits(name, hp, steps):
+    """Held-out accuracy after a few full-batch steps (measured: 0.94 and 0.88)."""
     model, x, y, xv, yv = _digits_mlp()
     opt = ok.create(name, model.parameters(), **hp)
-    for _ in range(100):
+    for _ in range(steps):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward(create_graph=True)
         opt.step()

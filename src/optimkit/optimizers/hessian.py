@@ -260,6 +260,11 @@ class SophiaG(Optimizer):
     def build(self):
         return [WeightDecay(decoupled=True), SophiaGClip()]
 
+    def check(self, group):
+        if group.get("projection") is not None:  # update_hessian folds full-space gradients
+            raise ValueError("Invalid projection: SophiaG's Hessian estimate lives in the full parameter "
+                             "space; projections (GaLore, APOLLO, FRUGAL) are not supported")
+
     @torch.no_grad()
     def update_hessian(self) -> None:
         """``h <- b2 h + (1 - b2) p.grad^2`` for every parameter with a gradient (its
