@@ -50,14 +50,16 @@ def _estimate(grads: Sequence[Tensor], params: Sequence[Tensor], n_samples: int,
     """``(1/S) sum_s z_s * (H z_s)`` per parameter; gradients without a graph (constant
     in every parameter: their rows of ``H`` are zero) take part as zero rows."""
     outputs = [i for i, g in enumerate(grads) if has_graph(g)]
+    inputs = [i for i, p in enumerate(params) if p.requires_grad]  # others: constants, zero rows
     out = [torch.zeros_like(torch.view_as_real(p) if p.is_complex() else p) for p in params]
-    if not outputs:
+    if not outputs or not inputs:
         return out
     for _ in range(n_samples):
         zs = [probe_like(p, distribution, generator_for(p.device)) for p in params]
-        hzs = torch.autograd.grad([grads[i] for i in outputs], list(params),
+        hzs = torch.autograd.grad([grads[i] for i in outputs], [params[i] for i in inputs],
                                   grad_outputs=[zs[i] for i in outputs], retain_graph=True, allow_unused=True)
-        for acc, z, hz in zip(out, zs, hzs):
+        for i, hz in zip(inputs, hzs):
+            acc, z = out[i], zs[i]
             if hz is None:
                 continue
             if z.is_complex():
