@@ -24,7 +24,7 @@ import torch
 import optimkit as ok
 from helpers import digits_split
 from optimkit.curvature import probe_like
-from optimkit.optimizers.hessian import _seed_of
+from optimkit.curvature import _seed_of
 
 
 def _separable(shapes, seed=0, dtype=torch.float64):

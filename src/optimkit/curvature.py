@@ -13,10 +13,13 @@ update kernel).
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from .core import layout
+from .core.optimizer import Optimizer
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -138,4 +141,91 @@ def spatial_average(d: Tensor) -> Tensor:
     return d.abs()
 
 
-__all__ = ["DISTRIBUTIONS", "hutchinson_diagonal", "probe_like", "spatial_average"]
+def update_state(state: dict, key: str, fn) -> None:
+    """Decode one state tensor (whatever its precision), update it in place with ``fn``,
+    store it back."""
+    entries, signature = layout.gather([state], [key])
+    decoded = layout.decode(entries, signature)
+    fn(decoded[key][0])
+    layout.encode(decoded, entries, signature)
+
+
+def _seed_of(seed: int, step: int) -> int:
+    return (int(seed) * 0x9E3779B1 + int(step) * 0x85EBCA77) % (2 ** 63 - 1)
+
+
+class HutchinsonOptimizer(Optimizer):
+    """Base of optimizers that fold a Hutchinson estimate ``z * (H z)`` into their
+    state in :meth:`prepare_step`. Subclasses name their hyperparameters
+    (``_period_key``, ``_samples_key``) and implement :meth:`_distribution` and
+    :meth:`_fold`."""
+
+    family = "second-order"
+    requires_create_graph = True
+    _period_key = "update_period"
+    _samples_key = "n_samples"
+
+    def _distribution(self, group: dict) -> str:
+        return "rademacher"
+
+    def _fold(self, state: dict, estimate: torch.Tensor, p: torch.Tensor, group: dict, step: int) -> None:
+        raise NotImplementedError
+
+    def check(self, group):
+        if group.get("projection") is not None:
+            raise ValueError(f"Invalid projection: {type(self).__name__} estimates the Hessian diagonal "
+                             "of the full parameter; projections (GaLore, APOLLO, FRUGAL) are not supported")
+
+    def prepare_step(self) -> None:
+        todo = []  # (group, param, view, step) of the parameters that refresh now
+        stepped = []
+        for group in self.param_groups:
+            params, _ = self._collect(group)  # the usual checks (dtype, sparse) come first
+            period = group[self._period_key]
+            for p in params:
+                state = self.state.get(p)
+                step = (int(state["step"]) if state else 0) + 1
+                stepped.append(p)
+                if (step - 1) % period == 0:
+                    todo.append((group, p, step))
+        if todo:
+            if not any(has_graph(p.grad) for _, p, _ in todo):
+                raise RuntimeError(f"{type(self).__name__} estimates the Hessian diagonal from "
+                                   "Hessian-vector products, but no gradient carries its graph: "
+                                   f"{GRAPH_HINT}")
+            estimates = self._estimates(todo)
+            for (group, p, step), d in zip(todo, estimates):
+                view = torch.view_as_real(p) if p.is_complex() else p
+                state = self._state_for(p, view, group)
+                self._fold(state, d, view, group, step)
+        for p in stepped:  # the graph is not needed any more: free it
+            if p.grad is not None and p.grad.requires_grad:
+                p.grad = p.grad.detach()
+
+    def _estimates(self, todo) -> list[torch.Tensor]:
+        """Hutchinson estimates for ``todo``: one batch of Hessian-vector products per
+        (samples, distribution, seed) setting, probes from a generator per device seeded
+        from the seed and the step of the batch's first parameter."""
+        batches: dict[tuple, list[int]] = {}
+        for i, (group, p, step) in enumerate(todo):
+            key = (group[self._samples_key], self._distribution(group), group["seed"])
+            batches.setdefault(key, []).append(i)
+        out: list[Any] = [None] * len(todo)
+        with torch.enable_grad():
+            for (samples, dist, seed), idx in batches.items():
+                step = todo[idx[0]][2]
+                gens: dict[torch.device, torch.Generator] = {}
+
+                def generator_for(device, gens=gens, base=_seed_of(seed, step)):
+                    if device not in gens:
+                        gens[device] = torch.Generator(device=device).manual_seed(base)
+                    return gens[device]
+
+                params = [todo[i][1] for i in idx]
+                est = _estimate([p.grad for p in params], params, samples, dist, generator_for)
+                for i, d in zip(idx, est):
+                    out[i] = d
+        return out
+
+
+__all__ = ["DISTRIBUTIONS", "HutchinsonOptimizer", "hutchinson_diagonal", "probe_like", "spatial_average"]
