@@ -21,10 +21,20 @@ def grad_stream(params, steps: int, seed: int = 1, scale: float = 1.0):
     return [[scale * torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params] for _ in range(steps)]
 
 
+def as_grad(opt, p, g):
+    """``g`` as the gradient ``opt`` takes: for optimizers that read Hessian-vector
+    products (``requires_create_graph``) the same values with a graph whose Hessian is
+    the identity (``g + (p - p.detach())``), else a copy."""
+    if getattr(type(opt), "requires_create_graph", False):
+        with torch.enable_grad():
+            return g + (p - p.detach())
+    return g.clone()
+
+
 def run_with_grads(opt: torch.optim.Optimizer, params, grads_per_step) -> None:
     for grads in grads_per_step:
         for p, g in zip(params, grads):
-            p.grad = g.clone()
+            p.grad = as_grad(opt, p, g)
         opt.step()
 
 
@@ -56,7 +66,10 @@ def digits_problem(seed: int = 0, n: int = 256):
     return model, lambda m: torch.nn.functional.cross_entropy(m(x), y)
 
 
-def train(model, loss_fn, opt, steps: int, create_graph: bool = False) -> list[float]:
+def train(model, loss_fn, opt, steps: int, create_graph: bool | None = None) -> list[float]:
+    """``steps`` closure steps; ``create_graph=None``: as the optimizer requires."""
+    if create_graph is None:
+        create_graph = getattr(type(opt), "requires_create_graph", False)
     losses = []
     for _ in range(steps):
         def closure():

@@ -38,6 +38,11 @@ CONTRACT_HP: dict[str, dict] = {
     "shampoo": dict(lr=1e-2, grafting="adam", epsilon=1e-2),
     # the silent phase would leave the first ~5 steps without any update
     "schedulefree_radam": dict(silent_sgd_phase=False),
+    # update_hessian is never called by the contract tests: sign-momentum steps, so a smaller lr
+    "sophia_g": dict(lr=1e-2),
+    # a refresh every 3 steps and weight decay: every state path within the short runs
+    "sophia_h": dict(update_period=3, weight_decay=1e-4),
+    "adahessian": dict(lr=0.1, weight_decay=1e-4, update_each=2),
 }
 
 

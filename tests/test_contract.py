@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import optimkit as ok
-from helpers import grad_stream, make_params, mlp_problem, run_with_grads, train, two_groups
+from helpers import as_grad, grad_stream, make_params, mlp_problem, run_with_grads, train, two_groups
 from optimizer_cases import contract_hp, gradient_names
 
 NAMES = gradient_names()
@@ -115,7 +115,7 @@ def test_lr_scheduler_value_is_used(name):
     stream = grad_stream(a, 4)
     for grads in stream:
         for p, q, g in zip(a, b, grads):
-            p.grad, q.grad = g.clone(), g.clone()
+            p.grad, q.grad = as_grad(opt_a, p, g), as_grad(opt_b, q, g)
         opt_a.step()
         opt_b.step()
         sched.step()
@@ -141,7 +141,7 @@ def test_params_without_grad_are_skipped(name):
     before = params[1].detach().clone()
     for grads in stream:
         for i, (p, g) in enumerate(zip(params, grads)):
-            p.grad = None if i == 1 else g.clone()
+            p.grad = None if i == 1 else as_grad(opt, p, g)
         opt.step()
     assert torch.equal(params[1], before)
     assert params[1] not in opt.state
@@ -154,7 +154,7 @@ def test_maximize_equals_minimizing_the_negation(name):
     opt_b = ok.create(name, b, **contract_hp(name))
     for grads in grad_stream(a, 5):
         for p, q, g in zip(a, b, grads):
-            p.grad, q.grad = g.clone(), -g
+            p.grad, q.grad = as_grad(opt_a, p, g), as_grad(opt_b, q, -g)
         opt_a.step()
         opt_b.step()
     for p, q in zip(a, b):
@@ -175,7 +175,7 @@ def test_complex_params_equal_their_real_view(name):
     opt_r = ok.create(name, [r], **contract_hp(name))
     for _ in range(4):
         gz = torch.randn(6, 4, dtype=torch.complex64, generator=g)
-        z.grad, r.grad = gz, torch.view_as_real(gz).clone()
+        z.grad, r.grad = as_grad(opt_z, z, gz), as_grad(opt_r, r, torch.view_as_real(gz))
         opt_z.step()
         opt_r.step()
     torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach())
@@ -272,7 +272,7 @@ def test_compiled_equals_eager(name):
                       compile=True, **contract_hp(name))
     for grads in grad_stream(a, 6):
         for p, q, g in zip(a, b, grads):
-            p.grad, q.grad = g.clone(), g.clone()
+            p.grad, q.grad = as_grad(opt_a, p, g), as_grad(opt_b, q, g)
         opt_a.step()
         opt_b.step()
     for p, q in zip(a, b):

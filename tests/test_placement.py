@@ -15,7 +15,8 @@ from helpers import grad_stream, make_params, run_with_grads
 
 
 @pytest.mark.parametrize("precision", ["fp32", "q8"])
-@pytest.mark.parametrize("name", ["adamw", "sgd", "lion", "adafactor", "psgd_kron"])
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lion", "adafactor", "psgd_kron", "adahessian", "sophia_h",
+                                  "sophia_g"])
 def test_disk_and_cpu_placement_match_device_bit_exactly(tmp_path, name, precision):
     if name not in ok.available():
         pytest.skip(f"{name} not registered")

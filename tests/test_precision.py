@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import optimkit as ok
-from helpers import digits_split, grad_stream, make_params, mlp_problem, train, two_groups
+from helpers import as_grad, digits_split, grad_stream, make_params, mlp_problem, train, two_groups
 from optimizer_cases import contract_hp, gradient_names
 from optimkit.kernels import q8_adamw
 from optimkit.state import dynamic_map, get_codec
@@ -185,7 +185,7 @@ def test_compiled_q8_step_agrees_with_eager(name):
         opt_b = ok.create(name, two_groups(b), compile=True, **hp)
         for grads in grad_stream(a, 10):
             for p, q, g in zip(a, b, grads):
-                p.grad, q.grad = g.clone(), g.clone()
+                p.grad, q.grad = as_grad(opt_a, p, g), as_grad(opt_b, q, g)
             opt_a.step()
             opt_b.step()
     moved = max((p - s).abs().max().item() for p, s in zip(a, start))

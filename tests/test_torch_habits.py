@@ -8,7 +8,7 @@ import torch
 
 import optimkit as ok
 from optimkit.kernels import q8_adamw
-from helpers import grad_stream, make_params, run_with_grads, two_groups
+from helpers import as_grad, grad_stream, make_params, run_with_grads, two_groups
 from optimizer_cases import contract_hp, gradient_names
 
 NAMES = gradient_names()
@@ -42,7 +42,7 @@ def test_tensor_lr_and_betas_equal_their_float_values(name):
         assert all(x is y for x, y in zip(group["betas"], tensors["betas"]))
     for i, grads in enumerate(grad_stream(a, 6)):
         for p, q, g in zip(a, b, grads):
-            p.grad, q.grad = g.clone(), g.clone()
+            p.grad, q.grad = as_grad(opt_t, p, g), as_grad(opt_f, q, g)
         opt_t.step()
         opt_f.step()
         if i == 2:  # a scheduler that writes the tensor in place
@@ -141,7 +141,7 @@ def test_compiled_equals_eager_in_float64(name):
     opt_c = ok.create(name, b, compile=True, **hp)
     for grads in grad_stream(a, 4):
         for p, q, g in zip(a, b, grads):
-            p.grad, q.grad = g.clone(), g.clone()
+            p.grad, q.grad = as_grad(opt_e, p, g), as_grad(opt_c, q, g)
         opt_e.step()
         opt_c.step()
         for p, q in zip(a, b):
