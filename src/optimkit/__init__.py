@@ -12,6 +12,7 @@ from .optimizers.muon import muon_param_groups
 from .optimizers.schedule_free import schedulefree_bn_update
 from .projection import APOLLO, FRUGAL, APOLLOMini, GaLore, Projection
 from .qk_clip import QKClip
+from .schedule_free_wrapper import ScheduleFreeWrapper
 from . import curvature, scaling, schedules
 from .scaling import param_groups
 from .core.registry import _REGISTRY
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 for _cls in _REGISTRY.values():
     globals()[_cls.__name__] = _cls
 
-__all__ = sorted(["APOLLO", "APOLLOMini", "curvature", "FRUGAL", "GaLore", "Optimizer", "Projection", "QKClip", "Transform", "available", "create", "info", "memory_report",
+__all__ = sorted(["APOLLO", "APOLLOMini", "curvature", "FRUGAL", "GaLore", "Optimizer", "Projection", "QKClip", "ScheduleFreeWrapper", "Transform", "available", "create", "info", "memory_report",
                   "muon_param_groups", "param_groups", "scaling", "schedules", "schedulefree_bn_update", "state_bytes"]
                  + [c.__name__ for c in _REGISTRY.values()])
