@@ -164,17 +164,13 @@ class HutchinsonOptimizer(Optimizer):
     requires_create_graph = True
     _period_key = "update_period"
     _samples_key = "n_samples"
+    projection_refused = "estimates the Hessian diagonal of the full parameter"
 
     def _distribution(self, group: dict) -> str:
         return "rademacher"
 
     def _fold(self, state: dict, estimate: torch.Tensor, p: torch.Tensor, group: dict, step: int) -> None:
         raise NotImplementedError
-
-    def check(self, group):
-        if group.get("projection") is not None:
-            raise ValueError(f"Invalid projection: {type(self).__name__} estimates the Hessian diagonal "
-                             "of the full parameter; projections (GaLore, APOLLO, FRUGAL) are not supported")
 
     def prepare_step(self) -> None:
         todo = []  # (group, param, view, step) of the parameters that refresh now

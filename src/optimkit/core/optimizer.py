@@ -103,6 +103,8 @@ class Optimizer(torch.optim.Optimizer):
     #: the step reads second-order information from the gradient's graph (Hessian-vector
     #: products): the loss must be backpropagated with ``backward(create_graph=True)``
     requires_create_graph: ClassVar[bool] = False
+    #: why the rule cannot run on projected (low-rank) gradients, or None if it can
+    projection_refused: ClassVar[str | None] = None
     #: the rule never reads gradients (zeroth-order: a closure returning the loss drives it)
     gradient_free: ClassVar[bool] = False
     #: state keys that only some modes hold (a schedule-free optimizer's kept iterate in
@@ -227,6 +229,9 @@ class Optimizer(torch.optim.Optimizer):
     def _check_projection(self, group: dict) -> None:
         if group.get("projection") is None:
             return
+        if self.projection_refused:
+            raise ValueError(f"Invalid projection: {type(self).__name__} {self.projection_refused}; "
+                             "projections (GaLore, APOLLO, FRUGAL) are not supported")
         for t in self._transforms:
             couples = getattr(t, "couples_params", None)
             if couples is not None and couples(group):

@@ -163,6 +163,7 @@ class SophiaG(Optimizer):
     """
 
     name = "sophia_g"
+    projection_refused = "keeps its Hessian estimate in the full parameter space (update_hessian)"
     family = "second-order"
     paper = "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model Pre-training"
     reference = "sophia.SophiaG (Liuhong99/Sophia)"
@@ -172,11 +173,6 @@ class SophiaG(Optimizer):
 
     def build(self):
         return [WeightDecay(decoupled=True), SophiaGClip()]
-
-    def check(self, group):
-        if group.get("projection") is not None:  # update_hessian folds full-space gradients
-            raise ValueError("Invalid projection: SophiaG's Hessian estimate lives in the full parameter "
-                             "space; projections (GaLore, APOLLO, FRUGAL) are not supported")
 
     @torch.no_grad()
     def update_hessian(self) -> None:

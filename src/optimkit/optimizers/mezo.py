@@ -37,6 +37,7 @@ class MeZO(Optimizer):
     tests/test_mezo.py.
     """
 
+    projection_refused = "perturbs the weights themselves"
     name = "mezo"
     family = "zeroth-order"
     paper = "Fine-Tuning Language Models with Just Forward Passes"
@@ -48,11 +49,6 @@ class MeZO(Optimizer):
 
     def build(self):
         return []
-
-    def check(self, group):
-        if group.get("projection") is not None:
-            raise ValueError("Invalid projection: MeZO perturbs the weights themselves; projections are "
-                             "not supported")
 
     def _tensors(self):
         out = []

@@ -117,6 +117,7 @@ class Muon(Optimizer):
     bf16) and the AdamW rule against ``torch.optim.AdamW``. See docs/muon.md.
     """
 
+    projection_refused = "orthogonalizes the full matrix update"
     name = "muon"
     family = "orthogonalized"
     paper = "Muon: An optimizer for hidden layers in neural networks"
@@ -147,11 +148,6 @@ class Muon(Optimizer):
         times the Muon learning rate (``hyperparameters["lr"]``, else the default)."""
         lr = float(hyperparameters.get("lr", cls.defaults["lr"]))
         return muon_param_groups(model, adamw=dict(lr=lr * cls.aux_lr_ratio))
-
-    def check(self, group):
-        if group.get("projection") is not None:
-            raise ValueError("Invalid projection: Muon orthogonalizes the full matrix update; "
-                             "projections (GaLore, APOLLO, FRUGAL) are not supported")
 
     def add_param_group(self, param_group: dict) -> None:
         """Also checks, before the group is added, that its parameters suit its

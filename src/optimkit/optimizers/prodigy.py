@@ -88,6 +88,7 @@ class Prodigy(Optimizer):
     ``prodigyopt.Prodigy`` (tests/test_prodigy.py).
     """
 
+    projection_refused = "estimates its step size from the full tensors' distance travelled"
     name = "prodigy"
     family = "parameter-free"
     paper = "Prodigy: An Expeditiously Adaptive Parameter-Free Learner"
@@ -105,11 +106,6 @@ class Prodigy(Optimizer):
 
     def build(self):
         return [ProdigyMoments()]
-
-    def check(self, group):
-        if group.get("projection") is not None:
-            raise ValueError("Invalid projection: Prodigy's distance estimate needs the full tensor; "
-                             "projections (GaLore, APOLLO, FRUGAL) are not supported")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

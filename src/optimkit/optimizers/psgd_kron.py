@@ -58,6 +58,7 @@ class PSGDKron(Optimizer):
     and "Black Box Lie Group Preconditioners for SGD" (2022).
     """
 
+    projection_refused = "preconditions the full tensor"
     name = "psgd_kron"
     family = "second-order"
     paper = "Preconditioned Stochastic Gradient Descent"
@@ -76,7 +77,3 @@ class PSGDKron(Optimizer):
     def build(self):
         return [PSGDKronPreconditioner()]
 
-    def check(self, group):
-        if group.get("projection") is not None:
-            raise ValueError("Invalid projection: PSGDKron preconditions the full tensor; projections "
-                             "(GaLore, APOLLO, FRUGAL) are not supported")

@@ -32,16 +32,12 @@ class _ScheduleFree(Optimizer):
     """Shared train/eval logic. The parameters hold ``y`` in train mode and the
     evaluation point ``x`` in eval mode; ``step()`` in eval mode raises."""
 
+    projection_refused = "keeps the iterate z in full space"
     family = "schedule-free"
     extra_state_keys = (EVAL_Y,)
 
     def _beta(self, group: dict) -> float:
         raise NotImplementedError
-
-    def check(self, group):
-        if group.get("projection") is not None:
-            raise ValueError(f"Invalid projection: {type(self).__name__} keeps the iterate z in full "
-                             "space; projections (GaLore, APOLLO, FRUGAL) are not supported")
 
     def _views(self, group) -> Iterable[tuple[Tensor, dict]]:
         for p in group["params"]:

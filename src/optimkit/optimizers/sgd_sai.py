@@ -59,6 +59,7 @@ class SGDSaI(Optimizer):
     installed.
     """
 
+    projection_refused = "measures each full tensor's gradient"
     name = "sgd_sai"
     family = "first-order"
     paper = "No More Adam: Learning Rate Scaling at Initialization is All You Need"
@@ -70,11 +71,6 @@ class SGDSaI(Optimizer):
 
     def build(self):
         return [SaIMomentum()]
-
-    def check(self, group):
-        if group.get("projection") is not None:
-            raise ValueError("Invalid projection: SGD-SaI measures each full tensor's gradient; projections "
-                             "are not supported")
 
     @torch.no_grad()
     def prepare_step(self) -> None:

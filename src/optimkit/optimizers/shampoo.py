@@ -115,6 +115,7 @@ class Shampoo(Optimizer):
     to torch.optim's Adam/AdamW, Adagrad and SGD (tests/test_shampoo.py).
     """
 
+    projection_refused = "preconditions the full tensor"
     name = "shampoo"
     family = "second-order"
     paper = "Shampoo: Preconditioned Stochastic Tensor Optimization"
@@ -143,6 +144,3 @@ class Shampoo(Optimizer):
             raise ValueError(f"Invalid start_preconditioning_step: {group['start_preconditioning_step']} "
                              f"(must be >= precondition_frequency = {group['precondition_frequency']}, "
                              "or -1)")
-        if group.get("projection") is not None:
-            raise ValueError("Invalid projection: Shampoo preconditions the full tensor; projections "
-                             "(GaLore, APOLLO, FRUGAL) are not supported")

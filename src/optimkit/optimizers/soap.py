@@ -45,6 +45,7 @@ class SOAP(Optimizer):
     by reduction to torch.optim.Adam (tests/test_soap.py).
     """
 
+    projection_refused = "preconditions the full tensor"
     name = "soap"
     family = "second-order"
     paper = "SOAP: Improving and Stabilizing Shampoo using Adam"
@@ -60,11 +61,6 @@ class SOAP(Optimizer):
 
     def build(self):
         return [SOAPPreconditioner()]
-
-    def check(self, group):
-        if group.get("projection") is not None:
-            raise ValueError("Invalid projection: SOAP preconditions the full tensor; projections "
-                             "(GaLore, APOLLO, FRUGAL) are not supported")
 
     def apply(self, u, ctx):
         """``theta <- theta - lr u``, then the decoupled decay of the updated weights
