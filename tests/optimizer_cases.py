@@ -51,8 +51,10 @@ def contract_hp(name: str) -> dict:
 
 
 def gradient_names() -> list[str]:
-    """Registered optimizers driven by gradients: every one but the zeroth-order
-    rules (MeZO), which take a loss closure instead (tests/test_mezo.py)."""
+    """Registered optimizers that step on gradients alone: every one but the
+    zeroth-order rules (MeZO) and those that need the loss from a closure (Polyak
+    step sizes), which have their own tests (tests/test_mezo.py, test_polyak.py)."""
     import optimkit as ok
 
-    return [n for n in ok.available() if not ok.info(n).cls.gradient_free]
+    return [n for n in ok.available()
+            if not (ok.info(n).cls.gradient_free or ok.info(n).cls.requires_closure)]

@@ -63,8 +63,9 @@ def assert_all_encoded(opt, prec: str) -> None:
     for p, st in opt.state.items():
         layout = st.get("_layout", {})
         tensors = [k for k, v in plain_tensors(st).items() if v.dim() > 0 and k != "step"]
-        # every state kept exact (schedule-free SGD's iterate z): nothing to encode
-        assert layout or (tensors and set(tensors) <= exact), "no encoded state at all"
+        # every state kept exact (schedule-free SGD's iterate z), or none at all (AdaGrad-Norm's
+        # one accumulator is a group value): nothing to encode
+        assert layout or set(tensors) <= exact, "no encoded state at all"
         for name, (got, signed, shape, *_) in layout.items():
             assert got == prec, f"state {name} stored as {got}, not {prec}"
             assert signed == (name not in opt._nonnegative), f"state {name}: signed={signed}"

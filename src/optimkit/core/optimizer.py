@@ -107,6 +107,8 @@ class Optimizer(torch.optim.Optimizer):
     projection_refused: ClassVar[str | None] = None
     #: the rule never reads gradients (zeroth-order: a closure returning the loss drives it)
     gradient_free: ClassVar[bool] = False
+    #: ``step`` needs a closure returning the loss (Polyak step sizes)
+    requires_closure: ClassVar[bool] = False
     #: state keys that only some modes hold (a schedule-free optimizer's kept iterate in
     #: eval mode): loaded when present, never passed to the update rule
     extra_state_keys: ClassVar[tuple[str, ...]] = ()

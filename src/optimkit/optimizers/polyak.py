@@ -1,0 +1,138 @@
+"""Step sizes from one global scalar: Polyak's (SPS, SPSmax) and AdaGrad-Norm."""
+from __future__ import annotations
+
+import math
+import torch
+
+from ..core import validation as v
+from ..core.optimizer import Optimizer
+from ..core.tensorlist import dense
+from ..core.transform import Context, Transform
+
+
+class GlobalScale(Transform):
+    """``u <- s g`` with ``s`` one number per step computed over every tensor by the
+    optimizer's ``prepare_step`` (``current["global_scale"]``)."""
+
+    current: dict = {}
+
+    def scalars(self, group, step, sstate):
+        return dict(self.current)
+
+    def __call__(self, u, ctx: Context):
+        return dense(u).mul(ctx.hp["global_scale"])
+
+
+class _GlobalStep(Optimizer):
+    """Shared plumbing: ``prepare_step`` computes the squared norm of every gradient
+    of every group and hands one scale to the kernels."""
+
+    def build(self):
+        return [GlobalScale()]
+
+    def _squared_norm(self) -> float:
+        work = [self._collect(g) for g in self.param_groups]  # validates before any change
+        total = 0.0
+        for params, grads in work:
+            for g in grads:
+                g = torch.view_as_real(g) if g.is_complex() else g
+                total += float(g.double().pow(2).sum())
+        return total
+
+    def _scale(self, squared_norm: float) -> float:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def prepare_step(self) -> None:
+        self._transforms[0].current = {"global_scale": float(self._scale(self._squared_norm()))}
+
+
+class SPS(_GlobalStep):
+    r"""Stochastic Polyak step size (Loizou et al. 2021), in optax's form
+    (``optax.polyak_sgd``)::
+
+        gamma = min((f(theta) - f_star) / (||g||^2 + eps), max_lr)     (one ||g|| over all tensors)
+        theta <- theta - lr gamma g
+
+    ``step(closure)`` needs the closure: it returns this batch's loss ``f`` (the
+    same batch as the gradient). ``lr`` is optax's ``scaling`` (the paper's
+    ``1/c``; ``c = 0.5`` in its theory is ``lr = 2``), ``max_lr`` its
+    ``max_learning_rate`` (``inf``: plain SPS; :class:`SPSmax` bounds it),
+    ``f_star`` the optimal loss value (0 under interpolation). A loss below
+    ``f_star`` gives a negative step, as in optax; ``||g|| = 0`` with ``eps = 0``
+    gives no step.
+
+    Paper: Loizou et al., "Stochastic Polyak Step-size for SGD: An Adaptive
+    Learning Rate for Fast Convergence" (AISTATS 2021). Checked against the
+    equations written out (tests/test_polyak.py).
+    """
+
+    name = "sps"
+    family = "parameter-free"
+    paper = "Stochastic Polyak Step-size for SGD: An Adaptive Learning Rate for Fast Convergence"
+    reference = "optax.polyak_sgd (google-deepmind/optax)"
+    state_bytes = 0
+    requires_closure = True
+    defaults = dict(lr=1.0, max_lr=math.inf, f_star=0.0, eps=0.0)
+    rules = {"max_lr": v.positive, "f_star": v.real, "eps": v.nonneg}
+
+    def step(self, closure=None):
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step() needs a closure that returns this batch's loss "
+                               "(the Polyak step size is (loss - f_star) / ||g||^2)")
+        with torch.enable_grad():
+            loss = closure()
+        self._loss = float(loss)
+        super().step()
+        return loss
+
+    def _scale(self, squared_norm: float) -> float:
+        head = v.as_numbers(self.param_groups[0])
+        denom = squared_norm + head["eps"]
+        if denom == 0.0:
+            return 0.0
+        return min((self._loss - head["f_star"]) / denom, head["max_lr"])
+
+
+class SPSmax(SPS):
+    r"""SPS with a bounded step size (``max_lr``, default 1.0 as optax's
+    ``polyak_sgd``): see :class:`SPS`."""
+
+    name = "sps_max"
+    defaults = dict(SPS.defaults, max_lr=1.0)
+
+
+class AdaGradNorm(_GlobalStep):
+    r"""AdaGrad-Norm (Ward, Wu & Bottou 2019): one accumulator for the whole model::
+
+        b^2 <- b^2 + ||g||^2          (b_0 = b0; ||g|| over every tensor of every group)
+        theta <- theta - lr g / b
+
+    ``b^2`` lives in the param groups (``sum_sq``), so the state dict holds it.
+
+    Paper: Ward, Wu & Bottou, "AdaGrad stepsizes: sharp convergence over nonconvex
+    landscapes" (ICML 2019); the high-probability analysis of "SGD with AdaGrad
+    Stepsizes: Full Adaptivity with High Probability..." (Attia & Koren 2023).
+    Checked against the equations written out (tests/test_polyak.py).
+    """
+
+    name = "adagrad_norm"
+    family = "parameter-free"
+    paper = "AdaGrad stepsizes: sharp convergence over nonconvex landscapes"
+    reference = "closed form (Ward, Wu & Bottou 2019, Algorithm 1)"
+    state_bytes = 0
+    defaults = dict(lr=1.0, b0=1e-2, sum_sq=None)
+    rules = {"b0": v.positive, "sum_sq": v.optional(v.nonneg)}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["sum_sq"] is None:
+            others = [g["sum_sq"] for g in self.param_groups[:-1]]
+            group["sum_sq"] = others[0] if others else float(group["b0"]) ** 2
+
+    def _scale(self, squared_norm: float) -> float:
+        total = self.param_groups[0]["sum_sq"] + squared_norm
+        for group in self.param_groups:
+            group["sum_sq"] = total
+        return 1.0 / math.sqrt(total)

@@ -1,0 +1,102 @@
+"""SPS / SPSmax and AdaGrad-Norm against their equations, on real training,
+with resume and the closure rule."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import optimkit as ok
+from helpers import digits_problem
+
+
+def _model():
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    y = x @ torch.randn(6, 1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    return model, lambda m: torch.nn.functional.mse_loss(m(x), y)
+
+
+def _closure(model, loss_fn, opt):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model)
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("cls,hp", [(ok.SPS, dict(lr=0.5)), (ok.SPSmax, dict(lr=2.0, max_lr=0.05, f_star=0.01)),
+                                    (ok.SPS, dict(eps=1e-3))])
+def test_sps_matches_the_equations(cls, hp):
+    model, loss_fn = _model()
+    ref = copy.deepcopy(model)
+    opt = cls(model.parameters(), **hp)
+    full = {**cls.defaults, **hp}
+    for _ in range(15):
+        ref.zero_grad()
+        loss = loss_fn(ref)
+        loss.backward()
+        params = list(ref.parameters())
+        sq = sum(float(p.grad.double().pow(2).sum()) for p in params)
+        gamma = min((float(loss.detach()) - full["f_star"]) / (sq + full["eps"]), full["max_lr"])
+        with torch.no_grad():
+            for p in params:
+                p.sub_(full["lr"] * gamma * p.grad)
+        opt.step(_closure(model, loss_fn, opt))
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sps_trains_digits_and_needs_a_closure():
+    model, loss_fn = digits_problem()
+    opt = ok.SPSmax(model.parameters(), max_lr=1.0)
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+    losses = [float(opt.step(_closure(model, loss_fn, opt))) for _ in range(60)]
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_adagrad_norm_matches_the_equations_and_resumes():
+    model, loss_fn = _model()
+    ref = copy.deepcopy(model)
+    opt = ok.AdaGradNorm(model.parameters(), lr=0.5, b0=0.1)
+    b2 = 0.1 ** 2
+    for t in range(20):
+        ref.zero_grad()
+        loss_fn(ref).backward()
+        b2 += sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters())
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.sub_(0.5 * p.grad / math.sqrt(b2))
+        opt.zero_grad()
+        loss_fn(model).backward()
+        opt.step()
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {t}: {m}")
+    assert opt.param_groups[0]["sum_sq"] == pytest.approx(b2)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    twin = copy.deepcopy(model)
+    opt2 = ok.AdaGradNorm(twin.parameters(), lr=0.5, b0=0.1)
+    opt2.load_state_dict(torch.load(buf))
+    for m, o in ((model, opt), (twin, opt2)):
+        for _ in range(5):
+            o.zero_grad()
+            loss_fn(m).backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls,kwargs,needle", [
+    (ok.SPS, dict(max_lr=0.0), "max_lr"), (ok.SPS, dict(eps=-1.0), "eps"), (ok.AdaGradNorm, dict(b0=0.0), "b0"),
+])
+def test_bad_arguments(cls, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
