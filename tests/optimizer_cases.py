@@ -36,6 +36,11 @@ CONTRACT_HP: dict[str, dict] = {
     # grafted and with a ridge: without them inverse roots of rank-deficient factors amplify
     # rounding differences (compiled vs eager) far above the 1e-6 contract bar
     "shampoo": dict(lr=1e-2, grafting="adam", epsilon=1e-2),
+    # with its defaults DAdaptAdam overshoots on the contract MLP (as dadaptation does)
+    "dadapt_adam": dict(use_bias_correction=True),
+    # reps_rel 1e-6 makes first steps far below a bf16 weight's spacing: bf16 params never move
+    "dog": dict(reps_rel=1e-3),
+    "ldog": dict(reps_rel=1e-3),
 }
 
 

@@ -136,3 +136,35 @@ def test_s_stays_full_precision_moments_follow_q8():
     assert st["s"].dtype == torch.float32
     assert "exp_avg:codes" in st and "exp_avg_sq:codes" in st
     assert opt.param_groups[0]["d"] > 1e-6
+
+
+@pytest.mark.parametrize("cls", ["DAdaptAdam", "DAdaptSGD", "DAdaptLion"])
+def test_two_groups_share_d_as_in_the_package(cls):
+    """Two groups (other decay) with the same lr: one d over both, as dadaptation."""
+    start = _start()
+    a = [torch.nn.Parameter(w.clone()) for w in start]
+    b = [torch.nn.Parameter(w.clone()) for w in start]
+    ours = getattr(ok, cls)([{"params": a[:1]}, {"params": a[1:], "weight_decay": 0.0}], weight_decay=0.0)
+    peer = getattr(dadaptation, cls)([{"params": b[:1]}, {"params": b[1:], "weight_decay": 0.0}], weight_decay=0.0)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(20):
+        for x, y, g in zip(a, b, _grads(a, gen)):
+            x.grad, y.grad = g.clone(), g.clone()
+        ours.step()
+        peer.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert ours.param_groups[0]["d"] == ours.param_groups[1]["d"] == pytest.approx(peer.param_groups[1]["d"], rel=1e-4)
+
+
+def test_a_group_at_lr_0_is_frozen_and_the_other_moves_by_its_own_lr():
+    start = _start()
+    a = [torch.nn.Parameter(w.clone()) for w in start]
+    opt = ok.DAdaptAdam([{"params": a[:1]}, {"params": a[1:2], "lr": 0.5}, {"params": a[2:], "lr": 0.0}])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for x, g in zip(a, _grads(a, gen)):
+            x.grad = g
+        opt.step()
+    assert torch.equal(a[2].detach(), start[2])
+    assert not torch.equal(a[1].detach(), start[1])

@@ -180,3 +180,20 @@ def test_reps_rel_may_be_zero_with_init_eta():
     w.grad = torch.ones(3)
     opt.step()
     torch.testing.assert_close(w.detach(), torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize("cls", ["DoG", "LDoG"])
+def test_two_groups_keep_their_own_norms_as_in_the_package(cls):
+    start = _start()
+    a = [torch.nn.Parameter(w.clone()) for w in start]
+    b = [torch.nn.Parameter(w.clone()) for w in start]
+    ours = getattr(ok, cls)([{"params": a[:1]}, {"params": a[1:], "reps_rel": 1e-4}])
+    peer = getattr(dog, cls)([{"params": b[:1]}, {"params": b[1:], "reps_rel": 1e-4}])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        for x, y, g in zip(a, b, _grads(a, gen)):
+            x.grad, y.grad = g.clone(), g.clone()
+        ours.step()
+        peer.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)

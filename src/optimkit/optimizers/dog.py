@@ -20,6 +20,7 @@ class DoGStep(GlobalScalarTransform):
     (a scalar per group, or the per-tensor ``eta`` state of L-DoG)."""
 
     full_precision = ("x0", "rbar", "G", "eta")
+    nonnegative = ("rbar", "G", "eta")
 
     def __init__(self, layerwise: bool = False):
         self.layerwise = layerwise
