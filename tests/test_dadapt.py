@@ -168,3 +168,16 @@ def test_a_group_at_lr_0_is_frozen_and_the_other_moves_by_its_own_lr():
         opt.step()
     assert torch.equal(a[2].detach(), start[2])
     assert not torch.equal(a[1].detach(), start[1])
+
+
+@pytest.mark.parametrize("cls", ["DAdaptAdam", "DAdaptSGD", "DAdaptLion"])
+def test_bf16_params_keep_s_in_fp32(cls):
+    """s sums many small steps: fp32 for bf16 weights (bf16's 8 bits would stall it)."""
+    w = torch.nn.Parameter(torch.randn(8, 4).bfloat16())
+    opt = getattr(ok, cls)([w])
+    for _ in range(20):
+        w.grad = (w.detach().float() - 3.0).bfloat16()
+        opt.step()
+    assert opt.state[w]["s"].dtype == torch.float32 and w.dtype == torch.bfloat16
+    assert opt.param_groups[0]["d"] > 1e-5  # grew from 1e-6
+    assert torch.isfinite(w.detach().float()).all()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 import torch
 
@@ -12,7 +11,8 @@ from ..core import layout
 from ..core import validation as v
 from ..core.optimizer import Optimizer
 from ..core.transform import Context, Transform
-from ..core.tensorlist import TensorList, dense
+from ..core.tensorlist import dense
+from .prodigy import _growth
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +22,11 @@ def wide(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
-def _growth(name: str, value: Any) -> float:
-    x = v.positive(name, value)
-    if x < 1.0:
-        raise ValueError(f"Invalid {name}: {x} (must be >= 1; inf: unbounded)")
-    return x
+def accumulator(p: torch.Tensor) -> torch.Tensor:
+    """A zero sum buffer shaped like ``p``: fp32 for bf16/fp16 parameters (a sum of
+    many small steps would stall in 8 or 11 bits), else ``p``'s dtype."""
+    low = p.dtype in (torch.bfloat16, torch.float16)
+    return torch.zeros_like(p, dtype=torch.float32 if low else p.dtype)
 
 
 class GlobalScalarTransform(Transform):
@@ -108,7 +108,7 @@ class DAdaptAdamMoments(GlobalScalarTransform):
     full_precision = ("s",)
 
     def init(self, p, group):
-        return {"s": torch.zeros_like(p), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        return {"s": accumulator(p), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
     def __call__(self, u, ctx: Context):
         st, hp, state = ctx.static, ctx.hp, ctx.state
@@ -222,10 +222,10 @@ class DAdaptSGDStep(GlobalScalarTransform):
     full_precision = ("s", "x0")
 
     def init(self, p, group):
-        return {"s": torch.zeros_like(p), "x0": p.detach().clone()}
+        return {"s": accumulator(p), "x0": p.detach().clone()}
 
     def __call__(self, u, ctx: Context):
-        return ctx.state["x0"] - ctx.state["s"]
+        return ctx.state["x0"].to(ctx.state["s"][0].dtype) - ctx.state["s"]
 
 
 class DAdaptSGD(GlobalEstimate):
@@ -325,7 +325,7 @@ class DAdaptLionStep(GlobalScalarTransform):
     full_precision = ("s",)
 
     def init(self, p, group):
-        return {"exp_avg": torch.zeros_like(p), "s": torch.zeros_like(p)}
+        return {"exp_avg": torch.zeros_like(p), "s": accumulator(p)}
 
     def __call__(self, u, ctx: Context):
         hp, state = ctx.hp, ctx.state

@@ -11,7 +11,7 @@ import torch
 
 from ..core import validation as v
 from ..core.transform import Context
-from ..core.tensorlist import TensorList, dense
+from ..core.tensorlist import dense
 from .dadapt import GlobalEstimate, GlobalScalarTransform, wide
 
 
