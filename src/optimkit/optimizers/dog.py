@@ -12,7 +12,7 @@ import torch
 from ..core import validation as v
 from ..core.transform import Context
 from ..core.tensorlist import dense
-from .dadapt import GlobalEstimate, GlobalScalarTransform, wide
+from ..core.estimate import GlobalEstimate, GlobalScalarTransform, wide
 
 
 class DoGStep(GlobalScalarTransform):
