@@ -107,11 +107,12 @@ class DAdaptAdam(GlobalEstimate):
                 if here is not s:
                     s.copy_(here)
         numerator = sqrt_beta2 * head["numerator_weighted"] + (1 - sqrt_beta2) * acc
-        numerator, sk_l1 = self._reduce([numerator, sk_l1], head)
+        # the groups keep this process's numerator (as dadaptation); d uses the sums over all
+        total, sk_l1 = self._reduce([numerator, sk_l1], head)
         skip = sk_l1 == 0.0  # no gradient yet: dadaptation returns before any update
         d_hat = d
         if not skip and lr > 0.0:
-            d_hat = numerator / ((1 - sqrt_beta2) * sk_l1)
+            d_hat = total / ((1 - sqrt_beta2) * sk_l1)
             d = max(d, min(d_hat, d * head["growth_rate"]))
         for num, group, *_ in work:
             self._step_values[id(group)]["dadapt_skip"] = skip
@@ -209,7 +210,8 @@ class DAdaptSGD(GlobalEstimate):
                 sk_sq += float(torch.dot(wide(here), wide(here)))
                 if here is not s:
                     s.copy_(here)
-        sk_sq, numerator = self._reduce([sk_sq, numerator], head)
+        # the groups keep this process's numerator (as dadaptation); d uses the sums over all
+        sk_sq, total = self._reduce([sk_sq, numerator], head)
         skip = sk_sq == 0.0  # no gradient yet (dadaptation divides by zero here)
         for num, group, *_ in work:
             self._step_values[id(group)]["dadapt_skip"] = skip
@@ -217,7 +219,7 @@ class DAdaptSGD(GlobalEstimate):
             return
         d_hat = d
         if lr > 0.0:
-            d_hat = 2 * numerator / math.sqrt(sk_sq)
+            d_hat = 2 * total / math.sqrt(sk_sq)
             d = max(d, min(d_hat, d * head["growth_rate"]))
         if head["log_every"] > 0 and k % head["log_every"] == 0:
             logger.info("(k=%s) d_hat: %s, d: %s. sk_norm=%s numerator_weighted=%s g0_norm=%s",
@@ -314,7 +316,8 @@ class DAdaptLion(GlobalEstimate):
                 if here is not s:
                     s.copy_(here)
         numerator = sqrt_beta2 * head["numerator_weighted"] + (1 - sqrt_beta2) * acc
-        numerator, sk_l1 = self._reduce([numerator, sk_l1], head)
+        # the groups keep this process's numerator (as dadaptation); d uses the sums over all
+        total, sk_l1 = self._reduce([numerator, sk_l1], head)
         # dadaptation has already moved the weights when it finds sum |s| = 0 (zero
         # gradients and momentum): only d and the counters stay as they were
         for num, group, *_ in work:
@@ -323,7 +326,7 @@ class DAdaptLion(GlobalEstimate):
             return
         d_hat = d
         if lr > 0.0:
-            d_hat = numerator / ((1 - sqrt_beta2) * sk_l1)
+            d_hat = total / ((1 - sqrt_beta2) * sk_l1)
             d = max(d, d_hat)
         if head["log_every"] > 0 and k % head["log_every"] == 0:
             logger.info("lr: %s d_hat: %s, d: %s. sk_l1=%.1e numerator_weighted=%.1e", lr, d_hat, d, sk_l1,
