@@ -43,6 +43,11 @@ CONTRACT_HP: dict[str, dict] = {
     # a refresh every 3 steps and weight decay: every state path within the short runs
     "sophia_h": dict(update_period=3, weight_decay=1e-4),
     "adahessian": dict(lr=0.1, weight_decay=1e-4, update_each=2),
+    # with its defaults DAdaptAdam overshoots on the contract MLP (as dadaptation does)
+    "dadapt_adam": dict(use_bias_correction=True),
+    # reps_rel 1e-6 makes first steps far below a bf16 weight's spacing: bf16 params never move
+    "dog": dict(reps_rel=1e-3),
+    "ldog": dict(reps_rel=1e-3),
 }
 
 

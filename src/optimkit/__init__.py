@@ -8,6 +8,7 @@
 from . import optimizers as _optimizers  # registers every optimizer
 from .core import Optimizer, Transform, available, create, info
 from .core.memory import memory_report, state_bytes
+from .optimizers.dog import PolynomialDecayAverager
 from .optimizers.muon import muon_param_groups
 from .optimizers.schedule_free import schedulefree_bn_update
 from .projection import APOLLO, FRUGAL, APOLLOMini, GaLore, Projection
@@ -22,6 +23,6 @@ __version__ = "0.1.0"
 for _cls in _REGISTRY.values():
     globals()[_cls.__name__] = _cls
 
-__all__ = sorted(["APOLLO", "APOLLOMini", "curvature", "FRUGAL", "GaLore", "Optimizer", "Projection", "QKClip", "ScheduleFreeWrapper", "Transform", "available", "create", "info", "memory_report",
+__all__ = sorted(["APOLLO", "APOLLOMini", "curvature", "FRUGAL", "GaLore", "Optimizer", "PolynomialDecayAverager", "Projection", "QKClip", "ScheduleFreeWrapper", "Transform", "available", "create", "info", "memory_report",
                   "muon_param_groups", "param_groups", "scaling", "schedules", "schedulefree_bn_update", "state_bytes"]
                  + [c.__name__ for c in _REGISTRY.values()])

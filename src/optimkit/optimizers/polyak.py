@@ -5,46 +5,35 @@ import math
 import torch
 
 from ..core import validation as v
-from ..core.optimizer import Optimizer
+from ..core.estimate import GlobalEstimate, GlobalScalarTransform, wide
 from ..core.tensorlist import dense
-from ..core.transform import Context, Transform
+from ..core.transform import Context
 
 
-class GlobalScale(Transform):
+class GlobalScale(GlobalScalarTransform):
     """``u <- s g`` with ``s`` one number per step computed over every tensor by the
-    optimizer's ``prepare_step`` (``current["global_scale"]``)."""
-
-    current: dict = {}
-
-    def scalars(self, group, step, sstate):
-        return dict(self.current)
+    optimizer's :meth:`GlobalEstimate.estimate` (``global_scale``)."""
 
     def __call__(self, u, ctx: Context):
         return dense(u).mul(ctx.hp["global_scale"])
 
 
-class _GlobalStep(Optimizer):
-    """Shared plumbing: ``prepare_step`` computes the squared norm of every gradient
-    of every group and hands one scale to the kernels."""
+class _GlobalStep(GlobalEstimate):
+    """Shared plumbing: the squared norm of every gradient of every group gives one
+    scale for the step."""
 
     def build(self):
         return [GlobalScale()]
 
-    def _squared_norm(self) -> float:
-        work = [self._collect(g) for g in self.param_groups]  # validates before any change
-        total = 0.0
-        for params, grads in work:
-            for g in grads:
-                g = torch.view_as_real(g) if g.is_complex() else g
-                total += float(g.double().pow(2).sum())
-        return total
-
     def _scale(self, squared_norm: float) -> float:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def prepare_step(self) -> None:
-        self._transforms[0].current = {"global_scale": float(self._scale(self._squared_norm()))}
+    def estimate(self, work) -> None:
+        total = sum(float(wide(g).double().pow(2).sum()) for num, group, params, grads in work
+                    for g in (torch.view_as_real(g) if g.is_complex() else g for g in grads))
+        scale = float(self._scale(total))
+        for group in self.param_groups:
+            self._step_values[id(group)] = {"global_scale": scale}
 
 
 class SPS(_GlobalStep):

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from ..core import validation as v
-from ..core.optimizer import Optimizer
-from ..core.transform import Context, Transform
+from ..core.estimate import GlobalEstimate, GlobalScalarTransform
+from ..core.transform import Context
 from ..core.tensorlist import TensorList, dense
 
 
@@ -24,7 +24,7 @@ def _growth(name: str, value: Any) -> float:
     return x
 
 
-class ProdigyMoments(Transform):
+class ProdigyMoments(GlobalScalarTransform):
     """Adam's moments scaled by d: ``m <- beta1 m + d (1 - beta1) g``,
     ``v <- beta2 v + d^2 (1 - beta2) g^2``; the direction ``m / (sqrt(v) + d' eps)``
     (``d'``: the new estimate). ``s`` and ``p0`` are kept by the optimizer
@@ -32,11 +32,6 @@ class ProdigyMoments(Transform):
 
     nonnegative = ("exp_avg_sq",)
     full_precision = ("s", "p0")
-    #: this step's values from Prodigy.prepare_step (set before each group's kernel)
-    current: dict = {}
-
-    def scalars(self, group, step, sstate):
-        return dict(self.current)
 
     def init(self, p, group):
         sliced = p.detach().reshape(-1)[::group["slice_p"]]
@@ -62,7 +57,7 @@ class ProdigyMoments(Transform):
         return TensorList([gi * hp["d"] for gi in g]) / denom
 
 
-class Prodigy(Optimizer):
+class Prodigy(GlobalEstimate):
     r"""Prodigy: Adam with the step size ``d`` learned from the distance travelled.
 
     Per step, with ``dlr = d lr bc`` (``bc = sqrt(1 - beta2^k) / (1 - beta1^k)``
@@ -121,16 +116,13 @@ class Prodigy(Optimizer):
         shared = [g for g in self.param_groups if not g["independent_d"]]
         return ([shared] if shared else []) + [[g] for g in self.param_groups if g["independent_d"]]
 
-    @torch.no_grad()
-    def prepare_step(self) -> None:
+    def estimate(self, work) -> None:
         """Update ``s`` and the numerator with the current ``d`` over every tensor of
-        a pool of groups, then the estimate of ``d``; keep the values this step's
-        kernels need (``prodigy_*`` scalars)."""
-        pools = self._pools()
-        work = [[(v.as_numbers(g), g, *self._collect(g)) for g in pool] for pool in pools]  # validates first
-        self._step_values = {}
-        for pool in work:
-            self._estimate(pool)
+        a pool of groups sharing ``d``, then the estimate of ``d``; leave this step's
+        values for the kernels (``prodigy_*`` scalars)."""
+        by_group = {id(w[1]): w for w in work}
+        for pool in self._pools():
+            self._estimate([by_group.get(id(g), (v.as_numbers(g), g, [], [])) for g in pool])
 
     def _estimate(self, pool) -> None:
         head = pool[0][0]
@@ -181,10 +173,6 @@ class Prodigy(Optimizer):
             if not skip:  # prodigyopt leaves everything as it was when sum |s| is 0
                 group.update(d=float(d_new), d_max=float(d_max), d_numerator=float(numerator),
                              d_hat=float(d_hat), d_denom=float(denom), k=float(k + 1))
-
-    def _run_bucket(self, group, step, params, grads, states) -> None:
-        self._transforms[0].current = self._step_values[id(group)]
-        super()._run_bucket(group, step, params, grads, states)
 
     def apply(self, u, ctx) -> None:
         """Decoupled decay then ``p <- p - dlr u``; nothing when prodigyopt skips the
