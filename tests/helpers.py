@@ -154,3 +154,20 @@ def tuned_steps_to_target(make_opt: Callable, lrs, problem: Callable, rel: float
     """The fewest :func:`steps_to_target` over a grid of learning rates, for
     ``make_opt(params, lr)``."""
     return min(steps_to_target(lambda p, lr=lr: make_opt(p, lr), problem, rel, max_steps) for lr in lrs)
+
+
+def lockstep(ours, peer, a, b, grads: Callable, steps: int, *, seed: int = 1, rtol: float = 1e-5,
+             atol: float = 1e-5, after: Callable | None = None, label: str = "") -> None:
+    """Step two optimizers side by side for ``steps`` steps on the same gradients
+    (``grads(a, generator)``, taken at ``a``), asserting that their parameters ``a``
+    and ``b`` agree after every step; ``after(t)`` runs extra checks after step ``t``."""
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(1, steps + 1):
+        for x, y, g in zip(a, b, grads(a, gen)):
+            x.grad, y.grad = g.clone(), g.clone()
+        ours.step()
+        peer.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{label} step {t}: {m}")
+        if after is not None:
+            after(t)

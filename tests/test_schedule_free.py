@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import optimkit as ok
-from helpers import digits_problem
+from helpers import digits_problem, lockstep
 
 schedulefree = pytest.importorskip("schedulefree")
 
@@ -48,22 +48,21 @@ def test_matches_the_authors_package_at_train_and_eval_points(case):
     ours, peer = cls(a, **hp), getattr(schedulefree, peer_name)(b, **hp)
     ours.train()
     peer.train()
-    gen = torch.Generator().manual_seed(1)
-    for t in range(1, 51):
-        for x, y, g in zip(a, b, _grads(a, gen)):
-            x.grad, y.grad = g.clone(), g.clone()
-        ours.step()
-        peer.step()
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=lambda m: f"train point, step {t}: {m}")
-        if t % 5 == 0:
-            ours.eval()
-            peer.eval()
-            for x, y in zip(a, b):
-                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=lambda m: f"eval point, step {t}: {m}")
-            ours.train()
-            peer.train()
+    lockstep(ours, peer, a, b, _grads, 50, after=lambda t: _same_eval_point(ours, peer, a, b, t),
+             label=f"{case} train point")
     assert float((a[0].detach() - start[0]).abs().mean()) > 0.3  # the parameters travelled
+
+
+def _same_eval_point(ours, peer, a, b, t, every=5):
+    """Every ``every`` steps: both in eval mode, the same evaluation point, back to train."""
+    if t % every:
+        return
+    ours.eval()
+    peer.eval()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=lambda m: f"eval point, step {t}: {m}")
+    ours.train()
+    peer.train()
 
 
 def test_train_eval_round_trip_is_bit_exact():

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import optimkit as ok
+from helpers import lockstep
+from test_schedule_free import _same_eval_point
 
 schedulefree = pytest.importorskip("schedulefree")
 
@@ -45,21 +47,8 @@ def test_matches_the_authors_wrapper(base, kw):
     ours = ok.ScheduleFreeWrapper(BASES[base](a), **kw)
     peer = schedulefree.ScheduleFreeWrapper(BASES[base](b), **kw)
     peer.train()
-    gen = torch.Generator().manual_seed(1)
-    for t in range(1, 31):
-        for x, y, g in zip(a, b, _grads(a, gen)):
-            x.grad, y.grad = g.clone(), g.clone()
-        ours.step()
-        peer.step()
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=lambda m: f"train, step {t}: {m}")
-        if t % 5 == 0:
-            ours.eval()
-            peer.eval()
-            for x, y in zip(a, b):
-                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=lambda m: f"eval, step {t}: {m}")
-            ours.train()
-            peer.train()
+    lockstep(ours, peer, a, b, _grads, 30, after=lambda t: _same_eval_point(ours, peer, a, b, t),
+             label=f"{base} train point")
     assert float((a[0].detach() - start[0]).abs().mean()) > 0.3
 
 
