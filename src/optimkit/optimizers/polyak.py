@@ -71,7 +71,7 @@ class SPS(_GlobalStep):
                                "(the Polyak step size is (loss - f_star) / ||g||^2)")
         with torch.enable_grad():
             loss = closure()
-        self._loss = float(loss)
+        self._loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         super().step()
         return loss
 
