@@ -52,6 +52,39 @@ def test_sps_matches_the_equations(cls, hp):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hp", [dict(preconditioner="adagrad"), dict(preconditioner="adam", beta2=0.9, lr=0.5),
+                                dict(preconditioner="none", max_lr=0.1), dict(preconditioner="adagrad", f_star=0.02)])
+def test_psps_matches_the_equations(hp):
+    model, loss_fn = _model()
+    ref = copy.deepcopy(model)
+    opt = ok.PSPS(model.parameters(), **hp)
+    full = {**ok.PSPS.defaults, **hp}
+    accs = [torch.zeros_like(p) for p in ref.parameters()]
+    for t in range(1, 16):
+        ref.zero_grad()
+        loss = loss_fn(ref)
+        loss.backward()
+        params = list(ref.parameters())
+        scaled = []
+        for p, acc in zip(params, accs):
+            if full["preconditioner"] == "adagrad":
+                acc += p.grad ** 2
+                scaled.append(p.grad / (acc.sqrt() + full["precond_eps"]))
+            elif full["preconditioner"] == "adam":
+                acc.mul_(full["beta2"]).add_((1 - full["beta2"]) * p.grad ** 2)
+                scaled.append(p.grad / ((acc / (1 - full["beta2"] ** t)).sqrt() + full["precond_eps"]))
+            else:
+                scaled.append(p.grad.clone())
+        weighted = sum(float((p.grad * d).double().sum()) for p, d in zip(params, scaled))
+        gamma = min((float(loss.detach()) - full["f_star"]) / (weighted + full["eps"]), full["max_lr"])
+        with torch.no_grad():
+            for p, d in zip(params, scaled):
+                p.sub_(full["lr"] * gamma * d)
+        opt.step(_closure(model, loss_fn, opt))
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {t}: {m}")
+
+
 def test_sps_trains_digits_and_needs_a_closure():
     model, loss_fn = digits_problem()
     opt = ok.SPSmax(model.parameters(), max_lr=1.0)
@@ -96,7 +129,28 @@ def test_adagrad_norm_matches_the_equations_and_resumes():
 
 @pytest.mark.parametrize("cls,kwargs,needle", [
     (ok.SPS, dict(max_lr=0.0), "max_lr"), (ok.SPS, dict(eps=-1.0), "eps"), (ok.AdaGradNorm, dict(b0=0.0), "b0"),
+    (ok.PSPS, dict(preconditioner="hutch"), "preconditioner"), (ok.PSPS, dict(beta2=1.0), "beta2"),
 ])
 def test_bad_arguments(cls, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         cls([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_psps_resumes_exactly_and_keeps_its_accumulator_exact():
+    model, loss_fn = _model()
+    opt = ok.PSPS(model.parameters(), preconditioner="adam", state_precision="q8", min_quant_size=0)
+    for _ in range(4):
+        opt.step(_closure(model, loss_fn, opt))
+    st = next(iter(opt.state.values()))
+    assert st["precond_acc"].dtype == torch.float32  # full precision whatever state_precision says
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    twin = copy.deepcopy(model)
+    opt2 = ok.PSPS(twin.parameters(), preconditioner="adam", state_precision="q8", min_quant_size=0)
+    opt2.load_state_dict(torch.load(buf))
+    for m, o in ((model, opt), (twin, opt2)):
+        for _ in range(4):
+            o.step(_closure(m, loss_fn, o))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
