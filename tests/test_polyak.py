@@ -154,3 +154,19 @@ def test_psps_resumes_exactly_and_keeps_its_accumulator_exact():
             o.step(_closure(m, loss_fn, o))
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+def test_bench_gives_closure_rules_their_loss_and_refuses_zeroth_order():
+    from optimkit.bench.runner import run_trial
+    from test_bench_workloads import _spec
+
+    for name in ("sps_max", "psps"):
+        spec = _spec("mlp_digits", seed=0, optimizer=name, steps=20)
+        spec.hparams.clear()
+        result = run_trial(spec)
+        assert result["status"] == "ok", result["error"]
+        assert result["series"][-1][3] < result["series"][0][3]  # the metric improved
+    spec = _spec("mlp_digits", seed=0, optimizer="mezo", steps=5)
+    spec.hparams.clear()
+    result = run_trial(spec)
+    assert result["status"] != "ok" and "zeroth-order" in result["error"]

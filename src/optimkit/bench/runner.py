@@ -130,6 +130,11 @@ def run_trial(spec: TrialSpec | dict, threads: int | None = 1) -> dict:
         cls = optimkit.info(spec.name).cls
         opt = optimkit.create(spec.name, _param_groups(cls, task, spec.hparams), **spec.hparams)
         create_graph = cls.requires_create_graph
+        if cls.gradient_free:
+            raise ValueError(f"{spec.name} is zeroth-order: it evaluates the loss at perturbed weights on the "
+                             "same batch, which bench workloads (one fresh batch per loss call) do not offer")
+        # rules that read the loss (Polyak steps) get it through a closure over this step's loss
+        with_loss = cls.requires_closure
 
         # optimizers with an evaluation point of their own (schedule-free) are evaluated there
         modes = callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
@@ -158,7 +163,10 @@ def run_trial(spec: TrialSpec | dict, threads: int | None = 1) -> dict:
             loss = task.train_loss(step)
             loss.backward(create_graph=create_graph)
             t1 = time.perf_counter()
-            opt.step()
+            if with_loss:
+                opt.step(lambda: loss)
+            else:
+                opt.step()
             t2 = time.perf_counter()
             train_seconds += t2 - t0
             opt_seconds += t2 - t1
