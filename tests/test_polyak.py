@@ -85,6 +85,31 @@ def test_psps_matches_the_equations(hp):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {t}: {m}")
 
 
+@pytest.mark.parametrize("hp", [dict(), dict(beta=0.5, c=0.5, gamma_max=0.05, f_star=0.01)])
+def test_momsps_matches_the_equations(hp):
+    model, loss_fn = _model()
+    ref = copy.deepcopy(model)
+    opt = ok.MomSPS(model.parameters(), **hp)
+    full = {**ok.MomSPS.defaults, **hp}
+    prev = [p.detach().clone() for p in ref.parameters()]
+    for t in range(1, 16):
+        ref.zero_grad()
+        loss = loss_fn(ref)
+        loss.backward()
+        params = list(ref.parameters())
+        sq = sum(float(p.grad.double().pow(2).sum()) for p in params)
+        gamma = (1 - full["beta"]) * min((float(loss.detach()) - full["f_star"]) / (full["c"] * sq),
+                                         full["gamma_max"])
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                new = p - gamma * p.grad + full["beta"] * (p - prev[i])
+                prev[i] = p.detach().clone()
+                p.copy_(new)
+        opt.step(_closure(model, loss_fn, opt))
+        for a, b in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {t}: {m}")
+
+
 def test_sps_trains_digits_and_needs_a_closure():
     model, loss_fn = digits_problem()
     opt = ok.SPSmax(model.parameters(), max_lr=1.0)
