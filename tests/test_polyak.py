@@ -195,3 +195,25 @@ def test_bench_gives_closure_rules_their_loss_and_refuses_zeroth_order():
     spec.hparams.clear()
     result = run_trial(spec)
     assert result["status"] != "ok" and "zeroth-order" in result["error"]
+
+
+@pytest.mark.slow  # compiles four kernels
+@pytest.mark.parametrize("name", ["sps_max", "psps", "momsps"])
+def test_closure_rules_agree_across_compile_placement_and_precision(name):
+    """The registry-wide contract tests step without a closure, so these options are
+    checked here: compiled within float32 rounding, cpu placement and q8 requested
+    (every state of these rules is kept exact) bit for bit."""
+    base, loss_fn = _model()
+    runs = []
+    for kw in (dict(), dict(compile=True), dict(state_placement="cpu"),
+               dict(state_precision="q8", min_quant_size=0)):
+        model = copy.deepcopy(base)
+        opt = ok.create(name, model.parameters(), **kw)
+        for _ in range(6):
+            opt.step(_closure(model, loss_fn, opt))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(runs[0], runs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for other in runs[2:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
