@@ -678,3 +678,9 @@ def test_torch_optim_state_dicts_with_switches_load(torch_kw):
     run_with_grads(theirs, a, stream[2:])
     run_with_grads(ours, b, stream[2:])
     torch.testing.assert_close(a, b)
+
+
+def test_muon_param_groups_take_the_switches_per_group():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = ok.Muon(ok.muon_param_groups(model, adamw={"fused": True, "foreach": False}))
+    assert {g["use_muon"]: g["compile"] for g in opt.param_groups} == {True: False, False: True}
