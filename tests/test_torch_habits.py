@@ -1,6 +1,8 @@
 """torch.optim habits that optimkit optimizers must keep (patterns from PyTorch's
 own optimizer tests): tensor hyperparameters, float64 compiled steps, sparse
-gradients, clear errors for parameters a compiled step cannot take."""
+gradients, clear errors for parameters a compiled step cannot take, the training-loop
+habits (schedulers, swa_utils, GradScaler, zero_grad, add_param_group, named, tied and
+frozen parameters) and torch.optim's foreach/fused/differentiable/capturable switches."""
 from __future__ import annotations
 
 import copy
