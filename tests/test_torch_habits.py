@@ -1,7 +1,12 @@
 """torch.optim habits that optimkit optimizers must keep (patterns from PyTorch's
 own optimizer tests): tensor hyperparameters, float64 compiled steps, sparse
-gradients, clear errors for parameters a compiled step cannot take."""
+gradients, clear errors for parameters a compiled step cannot take, the training-loop
+habits (schedulers, swa_utils, GradScaler, zero_grad, add_param_group, named, tied and
+frozen parameters) and torch.optim's foreach/fused/differentiable/capturable switches."""
 from __future__ import annotations
+
+import copy
+import inspect
 
 import pytest
 import torch
@@ -410,3 +415,274 @@ def test_compiled_bf16_compensation_with_l2_decay(name):
         results.append([p.detach().float() for p in ps])
     for e, c in zip(*results):
         torch.testing.assert_close(c, e, rtol=0, atol=2e-2)
+
+
+# ---------------------------------------------------------------- (e) the training-loop habits
+
+#: a few optimizers of different kinds (plain, sign, adaptive step size, preconditioned,
+#: schedule-free) for the training-loop habits below
+HABITS = ["adamw", "sgd", "lion", "prodigy", "soap", "schedulefree_adamw"]
+
+
+def _tied_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(6, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 6))
+    model[2].weight = model[0].weight  # tied input/output embedding
+    return model
+
+
+def _loss(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 6, (8,), generator=g)
+    return torch.nn.functional.cross_entropy(model(ids), torch.randint(0, 6, (8,), generator=g))
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", HABITS)
+def test_reduce_lr_on_plateau_lowers_the_lr_the_step_uses(name):
+    params = make_params(SMALL)
+    opt = ok.create(name, params, **contract_hp(name))
+    lr0 = opt.param_groups[0]["lr"]
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    for loss in (1.0, 1.0, 1.0):  # no improvement: cut after every plateaued epoch
+        run_with_grads(opt, params, grad_stream(params, 1))
+        sched.step(loss)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr0 * 0.25)
+    again = ok.create(name, make_params(SMALL), **contract_hp(name))
+    torch.optim.lr_scheduler.ReduceLROnPlateau(again, factor=0.5, patience=0).load_state_dict(sched.state_dict())
+
+
+@pytest.mark.parametrize("name", HABITS)
+def test_swa_utils_average_the_iterates_and_swalr_sets_the_lr(name):
+    from torch.optim.swa_utils import SWALR, AveragedModel
+
+    model = torch.nn.Linear(3, 2)
+    opt = ok.create(name, model.parameters(), **contract_hp(name))
+    swa, swalr = AveragedModel(model), SWALR(opt, swa_lr=1e-3, anneal_epochs=1)
+    snaps = []
+    for i in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3, generator=torch.Generator().manual_seed(i))).square().sum().backward()
+        opt.step()
+        swa.update_parameters(model)
+        swalr.step()
+        snaps.append(model.weight.detach().clone())
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    torch.testing.assert_close(swa.module.weight, torch.stack(snaps).mean(0))
+
+
+@pytest.mark.parametrize("name", HABITS)
+def test_grad_scaler_unscale_clip_and_inf_skip(name):
+    """GradScaler's loop (scale, unscale_, clip_grad_norm_, step, update) equals the
+    unscaled loop (the scale is a power of two), and a step with an inf gradient is
+    skipped: parameters and optimizer state unchanged."""
+    models = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [ok.create(name, m.parameters(), **contract_hp(name)) for m in models]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for i in range(3):
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(i))
+        for k, (m, opt) in enumerate(zip(models, opts)):
+            opt.zero_grad()
+            loss = m(x).square().sum()
+            if k == 0:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            if k == 0:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+    torch.testing.assert_close(list(models[0].parameters()), list(models[1].parameters()))
+    before = [p.detach().clone() for p in models[0].parameters()]
+    state = copy.deepcopy(opts[0].state_dict()["state"])
+    opts[0].zero_grad()
+    scaler.scale(models[0](torch.full((1, 3), float("inf"))).sum()).backward()
+    scaler.step(opts[0])
+    scaler.update()
+    assert _same(before, models[0].parameters())
+    assert scaler.get_scale() < 2.0 ** 8
+    after = opts[0].state_dict()["state"]
+    for pid, values in state.items():
+        for key, v in values.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, after[pid][key]), key
+
+
+@pytest.mark.parametrize("name", HABITS)
+def test_zero_grad_set_to_none_and_frozen_params(name):
+    params = make_params(SMALL)
+    frozen = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+    opt = ok.create(name, params + [frozen], **contract_hp(name))
+    run_with_grads(opt, params, grad_stream(params, 2))
+    assert torch.equal(frozen, torch.ones(4)) and frozen.grad is None
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+    opt.zero_grad()  # torch's default: set_to_none=True
+    assert all(p.grad is None for p in params)
+    before = [p.detach().clone() for p in params]
+    opt.step()  # no gradients: nothing moves
+    assert _same(before, params)
+
+
+@pytest.mark.parametrize("name", HABITS)
+def test_add_param_group_mid_training_resumes_bit_exact(name):
+    params = make_params(SMALL)
+    extra = make_params([(4,)], seed=3)
+    opt = ok.create(name, params, **contract_hp(name))
+    run_with_grads(opt, params, grad_stream(params, 2))
+    opt.add_param_group({"params": extra, "lr": opt.param_groups[0]["lr"] * 0.5})
+    everything = params + extra
+    run_with_grads(opt, everything, grad_stream(everything, 2, seed=5))
+    copies = [p.detach().clone().requires_grad_() for p in everything]
+    again = ok.create(name, copies[:len(params)], **contract_hp(name))
+    again.add_param_group({"params": copies[len(params):]})
+    again.load_state_dict(opt.state_dict())
+    assert again.param_groups[1]["lr"] == opt.param_groups[1]["lr"]
+    stream = grad_stream(everything, 2, seed=7)
+    run_with_grads(opt, everything, stream)
+    run_with_grads(again, copies, stream)
+    assert _same(everything, copies)
+
+
+@pytest.mark.parametrize("name", HABITS)
+def test_named_parameters_round_trip_their_names(name, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = ok.create(name, model.named_parameters(), **contract_hp(name))
+    names = [n for n, _ in model.named_parameters()]
+    assert opt.param_groups[0]["param_names"] == names
+    for i in range(2):
+        opt.zero_grad()
+        model(torch.randn(5, 3, generator=torch.Generator().manual_seed(i))).square().mean().backward()
+        opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert saved["param_groups"][0]["param_names"] == names
+    twin = copy.deepcopy(model)
+    again = ok.create(name, twin.named_parameters(), **contract_hp(name))
+    again.load_state_dict(saved)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(9))
+    for m, o in ((model, opt), (twin, again)):
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+    assert _same(model.parameters(), twin.parameters())
+
+
+@pytest.mark.parametrize("name", HABITS)
+def test_tied_weights_are_one_parameter_with_one_state(name):
+    model = _tied_model()
+    opt = ok.create(name, model.parameters(), **contract_hp(name))
+    assert sum(p is model[0].weight for p in opt.param_groups[0]["params"]) == 1
+    for i in range(3):
+        opt.zero_grad()
+        _loss(model, i).backward()
+        opt.step()
+    assert model[2].weight is model[0].weight and torch.isfinite(model[0].weight).all()
+    assert len(opt.state_dict()["state"]) == len(opt.param_groups[0]["params"])
+
+
+@pytest.mark.parametrize("name, torch_cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_tied_weights_step_as_torch_optim(name, torch_cls):
+    ours, theirs = _tied_model(), _tied_model()
+    hp = contract_hp(name)
+    opts = [ok.create(name, ours.parameters(), **hp), torch_cls(theirs.parameters(), **hp)]
+    for i in range(3):
+        for m, o in zip((ours, theirs), opts):
+            o.zero_grad()
+            _loss(m, i).backward()
+            o.step()
+    torch.testing.assert_close(list(ours.parameters()), list(theirs.parameters()))
+
+
+# ---------------------------------------------------------------- (f) torch.optim's switches
+
+@pytest.mark.parametrize("name", ok.available())
+def test_torch_switches_are_accepted_and_change_nothing(name):
+    """foreach/fused/differentiable/capturable, as torch users pass them by habit: in
+    the signature, accepted, not kept in the groups; fused=True means compile=True."""
+    sig = inspect.signature(ok.info(name).cls)
+    assert {k: sig.parameters[k].default for k in ("foreach", "fused", "differentiable", "capturable")} \
+        == {"foreach": None, "fused": None, "differentiable": False, "capturable": False}
+    hp = contract_hp(name)
+    for kw in ({"foreach": True}, {"foreach": False, "fused": False, "differentiable": False,
+                                   "capturable": False}, {"fused": True}):
+        opt = ok.create(name, make_params(SMALL), **hp, **kw)
+        group = opt.param_groups[0]
+        assert group["compile"] is bool(kw.get("fused"))
+        assert not {"foreach", "fused", "differentiable", "capturable"} & set(group)
+
+
+def test_foreach_false_steps_as_the_default():
+    a, b = make_params(), make_params()
+    opts = [ok.create("adamw", a), ok.create("adamw", b, foreach=False, fused=False)]
+    stream = grad_stream(a, 3)
+    for opt, ps in zip(opts, (a, b)):
+        run_with_grads(opt, ps, stream)
+    assert _same(a, b)
+
+
+def test_fused_true_is_the_compiled_step():
+    a, b = make_params(SMALL), make_params(SMALL)
+    opts = [ok.create("adamw", a, compile=True), ok.create("adamw", b, fused=True)]
+    stream = grad_stream(a, 2)
+    for opt, ps in zip(opts, (a, b)):
+        run_with_grads(opt, ps, stream)
+    assert _same(a, b)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"fused": True, "compile": False}, ValueError, "fused=True.*compile=False"),
+    ({"differentiable": True}, ValueError, "differentiable=True"),
+    ({"capturable": True}, ValueError, "capturable=True"),
+    ({"foreach": 1}, TypeError, "foreach"),
+    ({"fused": "yes"}, TypeError, "fused"),
+    ({"capturable": None}, TypeError, "capturable"),
+])
+def test_bad_torch_switches_are_refused_naming_them(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        ok.create("adamw", make_params(SMALL), **kw)
+    opt = ok.create("adamw", make_params(SMALL))
+    with pytest.raises(exc, match=match):
+        opt.add_param_group({"params": make_params([(2,)], seed=4), **kw})
+
+
+def test_group_dict_switches_map_per_group():
+    params = make_params(SMALL)
+    opt = ok.create("adamw", [{"params": params[:1], "fused": True, "foreach": False},
+                              {"params": params[1:]}])
+    assert [g["compile"] for g in opt.param_groups] == [True, False]
+    assert "fused" not in opt.param_groups[0] and "foreach" not in opt.param_groups[0]
+
+
+@pytest.mark.parametrize("torch_kw", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_torch_optim_state_dicts_with_switches_load(torch_kw):
+    """torch.optim keeps foreach/fused/differentiable/capturable in its param groups:
+    its state dicts load, the switches are dropped, and the steps go on as torch's."""
+    a, b = make_params(SMALL), make_params(SMALL)
+    theirs = torch.optim.AdamW(a, lr=1e-2, **torch_kw)
+    stream = grad_stream(a, 4)
+    run_with_grads(theirs, a, stream[:2])
+    saved = theirs.state_dict()
+    assert {"foreach", "fused", "differentiable", "capturable"} <= set(saved["param_groups"][0])
+    with torch.no_grad():
+        for p, q in zip(b, a):
+            p.copy_(q)
+    ours = ok.create("adamw", b, lr=1e-2)
+    ours.load_state_dict(saved)
+    assert not {"foreach", "fused", "differentiable", "capturable"} & set(ours.param_groups[0])
+    run_with_grads(theirs, a, stream[2:])
+    run_with_grads(ours, b, stream[2:])
+    torch.testing.assert_close(a, b)
+
+
+def test_muon_param_groups_take_the_switches_per_group():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = ok.Muon(ok.muon_param_groups(model, adamw={"fused": True, "foreach": False}))
+    assert {g["use_muon"]: g["compile"] for g in opt.param_groups} == {True: False, False: True}

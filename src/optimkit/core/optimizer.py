@@ -44,6 +44,41 @@ RULES.setdefault("state_placement", choice("device", "cpu", "disk"))
 RULES.setdefault("state_rounding", choice("nearest", "stochastic"))
 KAHAN_KEY = "kahan_comp"
 
+#: torch.optim's implementation switches, accepted by habit (constructor and group dicts)
+#: and mapped onto optimkit's modes; they are not kept in param groups or state dicts.
+#: ``foreach``: any value runs optimkit's eager multi-tensor kernels (there is no
+#: per-tensor loop mode); ``fused=True`` means ``compile=True``; ``differentiable`` and
+#: ``capturable`` must be False (no autograd through the step, no CUDA-graph capture).
+TORCH_SWITCHES: dict[str, Any] = {"foreach": None, "fused": None, "differentiable": False,
+                                  "capturable": False}
+
+
+def map_torch_switches(kwargs: dict, where: str = "") -> dict:
+    """Remove torch.optim's ``foreach``/``fused``/``differentiable``/``capturable`` from
+    ``kwargs`` (a constructor's keywords or a param group dict) and return it with their
+    optimkit meaning applied: ``fused=True`` sets ``compile=True``."""
+    out = {k: v for k, v in kwargs.items() if k not in TORCH_SWITCHES}
+    for key in TORCH_SWITCHES:
+        if key not in kwargs:
+            continue
+        value = kwargs[key]
+        if key in ("foreach", "fused"):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{where}{key} must be a bool or None, got {type(value).__name__}")
+        elif not isinstance(value, bool):
+            raise TypeError(f"{where}{key} must be a bool, got {type(value).__name__}")
+        elif value:
+            what = ("autograd through the optimizer step" if key == "differentiable"
+                    else "CUDA graph capture of the step")
+            raise ValueError(f"{where}{key}=True is not supported: optimkit optimizers do not offer "
+                             f"{what}; pass {key}=False or leave it out")
+    if kwargs.get("fused"):
+        if "compile" in kwargs and kwargs["compile"] is False:
+            raise ValueError(f"{where}fused=True asks for optimkit's compiled (torch.compile) step, "
+                             "but compile=False was given; pass one of them")
+        out["compile"] = True
+    return out
+
 
 class Optimizer(torch.optim.Optimizer):
     """Base class of all optimkit optimizers (a ``torch.optim.Optimizer``).
@@ -84,6 +119,11 @@ class Optimizer(torch.optim.Optimizer):
       gradient, rescaling the rest ("Cautious Optimizers", Liang et al. 2024).
       ``True``/``"kozistr"`` rescales by ``numel / (kept + 1)``, ``"timm"``
       by ``1 / max(mean(mask), 1e-3)``.
+    * torch.optim's switches, accepted by habit (in the constructor or a group dict,
+      not kept in groups): ``foreach`` (``None``/``True``/``False``: all run optimkit's
+      eager multi-tensor kernels, there is no per-tensor loop mode), ``fused``
+      (``True`` means ``compile=True``; with an explicit ``compile=False`` it is a
+      ``ValueError``), ``differentiable`` and ``capturable`` (``False`` only).
 
     All hyperparameters live in each param group and are read at every step.
     """
@@ -130,6 +170,8 @@ class Optimizer(torch.optim.Optimizer):
                                                 if key in COMMON_DEFAULTS or key == "cautious"
                                                 else inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                 default=value))
+        for key, value in TORCH_SWITCHES.items():  # accepted for torch.optim habits
+            sig_params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=value))
         cls.__signature__ = inspect.Signature(sig_params)
 
     @classmethod
@@ -166,6 +208,7 @@ class Optimizer(torch.optim.Optimizer):
                 if key in hyperparameters:
                     raise TypeError(f"{type(self).__name__} got multiple values for argument {key!r}")
                 hyperparameters[key] = value
+        hyperparameters = map_torch_switches(hyperparameters)
         for key in hyperparameters:
             if key not in allowed:
                 close = difflib.get_close_matches(key, list(allowed), n=3)
@@ -245,6 +288,7 @@ class Optimizer(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {torch.typename(param_group)}")
         allowed = self.all_defaults()
+        param_group = map_torch_switches(param_group, "param group: ")
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k in allowed}}
         validated = validate_group(merged, allowed, self.rules)
         self.check(as_numbers(validated))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import validation as v
-from ..core.optimizer import Optimizer
+from ..core.optimizer import TORCH_SWITCHES, Optimizer
 from ..transforms.decay import WeightDecay
 from ..transforms.orthogonalize import (KELLER_COEFFICIENTS, NAMED_SCHEDULES, NS_DTYPES, AuxAdamW,
                                         OrthogonalizedMomentum, matrix_shape, takes_muon)
@@ -236,7 +236,7 @@ def _hp(arg: str, value: dict | None) -> dict:
     for key in value:
         if key in ("params", "use_muon"):
             raise ValueError(f"Invalid {arg}: {key!r} is set by muon_param_groups")
-        if key not in allowed:
+        if key not in allowed and key not in TORCH_SWITCHES:  # foreach=/fused= map per group
             raise TypeError(f"{arg} got an unexpected hyperparameter {key!r}")
     return dict(value)
 
