@@ -49,8 +49,7 @@ KAHAN_KEY = "kahan_comp"
 #: ``foreach``: any value runs optimkit's eager multi-tensor kernels (there is no
 #: per-tensor loop mode); ``fused=True`` means ``compile=True``; ``differentiable`` and
 #: ``capturable`` must be False (no autograd through the step, no CUDA-graph capture).
-TORCH_SWITCHES: dict[str, Any] = {"foreach": None, "fused": None, "differentiable": False,
-                                  "capturable": False}
+TORCH_SWITCHES: dict[str, Any] = {k: None if k in ("foreach", "fused") else False for k in checkpoint.TORCH_FLAGS}
 
 
 def map_torch_switches(kwargs: dict, where: str = "") -> dict:
