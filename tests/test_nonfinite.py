@@ -331,3 +331,31 @@ def test_two_ranks_agree(tmp_path):
         assert torch.equal(a, b) and torch.equal(a, c)
     _same(r0["state"], r1["state"])
     _same(r0["state"], ref.state_dict()["state"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64])
+def test_every_dtype_is_checked(dtype):
+    p = torch.nn.Parameter(torch.ones(4, 3, dtype=dtype))
+    big = torch.nn.Parameter(torch.ones(70000, dtype=dtype))  # its L1 norm overflows float16
+    opt = optimkit.SGD([p, big], lr=0.1, nonfinite="skip")
+    for value in (float("nan"), float("inf"), -float("inf")):
+        p.grad = torch.ones_like(p)
+        p.grad[1, 2] = value
+        big.grad = torch.ones_like(big)
+        opt.step()
+    assert opt.skipped_steps == 3 and torch.equal(p, torch.ones_like(p))
+    p.grad = torch.ones_like(p)
+    opt.step()  # finite: a step, even where the norm would overflow the gradient's own dtype
+    assert opt.skipped_steps == 3 and not torch.equal(big, torch.ones_like(big))
+
+
+def test_sparse_gradients():
+    emb = torch.nn.Embedding(6, 3, sparse=True)
+    opt = optimkit.SGD(emb.parameters(), lr=0.1, nonfinite="skip")
+    before = emb.weight.detach().clone()
+    emb(torch.tensor([1, 4])).sum().backward()
+    emb.weight.grad = torch.sparse_coo_tensor(emb.weight.grad._indices(),
+                                              emb.weight.grad._values() * float("nan"), (6, 3),
+                                              check_invariants=True)
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(emb.weight, before)
