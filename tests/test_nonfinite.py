@@ -359,3 +359,39 @@ def test_sparse_gradients():
                                               check_invariants=True)
     opt.step()
     assert opt.skipped_steps == 1 and torch.equal(emb.weight, before)
+
+
+def test_schedule_free_wrapper_skips_cleanly():
+    """The wrapper moves the parameters before its base steps: it asks the base's
+    guard first, so a skipped step leaves the wrapper's z and counters alone too."""
+    clean = grad_stream(make_params(), 6, seed=8)
+    bad = [1, 3]
+
+    def run(grads_per_step, nonfinite):
+        params = make_params()
+        opt = optimkit.ScheduleFreeWrapper(optimkit.AdamW(params, lr=1e-2, nonfinite=nonfinite))
+        for grads in grads_per_step:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        return params, opt
+
+    params, opt = run([_poison(g, s) if s in bad else g for s, g in enumerate(clean)], "skip")
+    ref_params, ref = run([g for s, g in enumerate(clean) if s not in bad], None)
+    assert opt.base.skipped_steps == 2
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+    sa, sb = opt.state_dict(), ref.state_dict()
+    _same(sa["schedulefree"], sb["schedulefree"])
+    _same(sa["base"]["state"], sb["base"]["state"])
+
+
+def test_mezo_guards_its_loss_difference():
+    model = torch.nn.Linear(3, 1)
+    opt = optimkit.MeZO(model.parameters(), lr=1e-3, nonfinite="skip")
+    x = torch.randn(4, 3)
+    opt.step(lambda: model(x).pow(2).sum() * float("inf"))
+    assert opt.skipped_steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+    opt = optimkit.MeZO(model.parameters(), lr=1e-3, nonfinite="raise")
+    with pytest.raises(RuntimeError, match="non-finite loss"):
+        opt.step(lambda: model(x).sum() * float("nan"))
