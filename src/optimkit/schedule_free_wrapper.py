@@ -125,6 +125,9 @@ class ScheduleFreeWrapper:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        guard = getattr(self.base, "_nonfinite_skip", None)  # the base's nonfinite="skip"|"raise"
+        if guard is not None and guard():  # before z and the parameters are touched
+            return loss
         beta = self.momentum
         active = []
         with torch.no_grad():

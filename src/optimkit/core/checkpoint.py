@@ -337,5 +337,10 @@ def prepare(opt: Optimizer, state_dict: Any) -> dict:
         checked = _check_state(opt, pid, values, p, g)
         if checked:
             state[pid] = checked
+    skipped = state_dict.get("skipped_steps", 0)  # the non-finite guard's counter (optimkit only)
+    if isinstance(skipped, Tensor) and skipped.numel() == 1 and not skipped.is_floating_point():
+        skipped = int(skipped)
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+        _fail(f"'skipped_steps' must be a non-negative int, got {skipped!r}")
     return {**{k: v for k, v in state_dict.items() if k not in ("state", "param_groups")},
-            "state": state, "param_groups": groups}
+            "state": state, "param_groups": groups, "skipped_steps": skipped}

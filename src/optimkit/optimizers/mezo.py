@@ -1,6 +1,8 @@
 """MeZO: zeroth-order SGD from two forward passes (SPSA), no backward pass."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core import validation as v
@@ -87,6 +89,14 @@ class MeZO(Optimizer):
         self._perturb(tensors, seeds, -2.0)
         minus = closure()
         self._perturb(tensors, seeds, 1.0)
+        if not math.isfinite(float(plus) - float(minus)):  # the nonfinite guard, on the two losses
+            modes = {g["nonfinite"] for g in self.param_groups} - {None}
+            if "raise" in modes:
+                raise RuntimeError(f"MeZO: non-finite loss difference ({float(plus)} - {float(minus)}) "
+                                   "(nonfinite='raise'); the parameters were restored, no update made")
+            if modes:
+                self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+                return plus
         grads = {}
         for i, (group, _, view) in enumerate(tensors):
             key = id(group)
