@@ -88,7 +88,9 @@ class SGDSaI(Optimizer):
                 g = torch.view_as_real(g) if g.is_complex() else g
                 g = -g if group["maximize"] else g
                 g = g.to(st["gsnr"].dtype)
-                gsnr = g.norm() / (g.std().nan_to_num() + group["eps"])
+                # one element: the unbiased std is NaN, taken as 0 (as the authors' nan_to_num)
+                sigma = g.std() if g.numel() > 1 else g.new_zeros(())
+                gsnr = g.norm() / (sigma.nan_to_num() + group["eps"])
                 st["gsnr"].copy_(gsnr)
                 value = float(gsnr)
                 top = value if top is None else max(top, value)
