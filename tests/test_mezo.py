@@ -97,3 +97,25 @@ def test_frozen_parameters_are_left_alone():
     opt = ok.MeZO(model.parameters(), lr=1e-2)
     opt.step(lambda: loss_fn(model))
     assert torch.equal(model[0].weight, before)
+
+
+def test_a_gradient_style_closure_works_with_a_warning_and_resumes():
+    """A closure written for gradient optimizers (zero_grad, loss, backward) is rerun
+    with autograd on; the step is the same as with a forward-only closure."""
+    model, loss_fn = _problem()
+    twin = copy.deepcopy(model)
+    opt = ok.MeZO(model.parameters(), lr=1e-3)
+    opt2 = ok.MeZO(twin.parameters(), lr=1e-3)
+
+    def backprop_closure():
+        opt2.zero_grad()
+        loss = loss_fn(twin)
+        loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="backward"):
+        for _ in range(3):
+            opt.step(lambda: loss_fn(model))
+            opt2.step(backprop_closure)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)

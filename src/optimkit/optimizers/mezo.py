@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import warnings
+
 import torch
 
 from ..core import validation as v
@@ -18,8 +20,9 @@ def _seed(seed: int, step: int, index: int) -> int:
 class MeZO(Optimizer):
     r"""MeZO (Malladi et al. 2023): SPSA with seed-replayed perturbations.
 
-    ``step(closure)`` needs a closure that returns the loss of one batch and does
-    not call ``backward`` (it runs under ``torch.no_grad``). Per step, with ``z``
+    ``step(closure)`` needs a closure that returns the loss of one batch; it runs
+    under ``torch.no_grad`` (a closure that also calls ``backward``, as written for
+    gradient optimizers, is rerun with autograd on, with a warning). Per step, with ``z``
     a standard normal direction regenerated from a seed (never stored)::
 
         l+ = L(theta + eps z);  l- = L(theta - eps z)       (the closure, twice)
@@ -69,6 +72,27 @@ class MeZO(Optimizer):
         for (group, _, view), s in zip(tensors, seeds):
             view.add_(self._direction(view, s), alpha=scale * group["eps"])
 
+    def _evaluate(self, closure):
+        """The closure's loss (detached), computed without autograd: inference memory.
+        A closure written for gradient optimizers (``zero_grad``, ``backward``) fails
+        there; it is then run with autograd on, from this call on, with a warning (the
+        gradients it computes are not used)."""
+        if not getattr(self, "_closure_backprops", False):
+            try:
+                with torch.no_grad():
+                    loss = closure()
+                return loss.detach() if isinstance(loss, torch.Tensor) else loss
+            except RuntimeError as err:
+                if "does not require grad" not in str(err):
+                    raise
+                self._closure_backprops = True
+                warnings.warn("MeZO: the closure calls backward(); MeZO needs only the loss, so it now runs "
+                              "the closure with autograd on (training memory, gradients unused). A closure "
+                              "that only returns the loss keeps inference memory.", stacklevel=3)
+        with torch.enable_grad():
+            loss = closure()
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
+
     @torch.no_grad()
     def step(self, closure=None):
         """One SPSA step; ``closure()`` returns the loss (no ``backward``)."""
@@ -85,9 +109,9 @@ class MeZO(Optimizer):
         step = max(int(st.get("step", 0)) for st in states) + 1
         seeds = [_seed(group["seed"], step, i) for i, (group, _, _) in enumerate(tensors)]
         self._perturb(tensors, seeds, 1.0)
-        plus = closure()
+        plus = self._evaluate(closure)
         self._perturb(tensors, seeds, -2.0)
-        minus = closure()
+        minus = self._evaluate(closure)
         self._perturb(tensors, seeds, 1.0)
         if not math.isfinite(float(plus) - float(minus)):  # the nonfinite guard, on the two losses
             modes = {g["nonfinite"] for g in self.param_groups} - {None}
