@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import functools
 from typing import Callable
 
@@ -171,3 +172,26 @@ def lockstep(ours, peer, a, b, grads: Callable, steps: int, *, seed: int = 1, rt
             torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{label} step {t}: {m}")
         if after is not None:
             after(t)
+
+
+def resume_on_digits(make_opt: Callable, steps: int = 10):
+    """Train ``steps`` on a digits model, save the optimizer through ``torch.save`` /
+    ``torch.load``'s defaults, resume a copy of the model with ``make_opt`` and the
+    loaded dict, train both ``steps`` more and assert equal weights. Returns
+    ``(uninterrupted optimizer, resumed optimizer, the loaded dict)``."""
+    model, loss_fn = digits_problem(n=64)
+    other = copy.deepcopy(model)
+    opt = make_opt(model.parameters())
+    train(model, loss_fn, opt, steps)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf)  # weights_only
+    other.load_state_dict(model.state_dict())
+    resumed = make_opt(other.parameters())
+    resumed.load_state_dict(saved)
+    train(model, loss_fn, opt, steps)
+    train(other, loss_fn, resumed, steps)
+    for x, y in zip(model.parameters(), other.parameters()):
+        assert torch.equal(x, y)
+    return opt, resumed, saved

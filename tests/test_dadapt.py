@@ -3,13 +3,12 @@ while d grows, d in the state dict, frozen lr-0 groups, bad arguments."""
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 
 import optimkit as ok
-from helpers import digits_problem, lockstep, train
+from helpers import digits_problem, lockstep, resume_on_digits, train
 
 dadaptation = pytest.importorskip("dadaptation")
 
@@ -53,23 +52,8 @@ def test_matches_dadaptation_step_for_step_while_d_grows(cls, hp):
 
 @pytest.mark.parametrize("cls", ["DAdaptAdam", "DAdaptSGD", "DAdaptLion"])
 def test_d_lives_in_the_state_dict_and_resume_is_exact(cls):
-    model, loss_fn = digits_problem(n=64)
-    other = copy.deepcopy(model)
-    opt = getattr(ok, cls)(model.parameters())
-    train(model, loss_fn, opt, 10)
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    sd = torch.load(buf)  # weights_only
-    assert sd["param_groups"][0]["d"] == opt.param_groups[0]["d"] > 1e-6
-    other.load_state_dict(model.state_dict())
-    opt2 = getattr(ok, cls)(other.parameters())
-    opt2.load_state_dict(sd)
-    train(model, loss_fn, opt, 10)
-    train(other, loss_fn, opt2, 10)
-    for x, y in zip(model.parameters(), other.parameters()):
-        assert torch.equal(x, y)
-    assert opt.param_groups[0]["d"] == opt2.param_groups[0]["d"]
+    opt, opt2, sd = resume_on_digits(getattr(ok, cls))
+    assert opt2.param_groups[0]["d"] == opt.param_groups[0]["d"] and sd["param_groups"][0]["d"] > 1e-6
 
 
 @pytest.mark.parametrize("cls", ["DAdaptAdam", "DAdaptSGD", "DAdaptLion"])

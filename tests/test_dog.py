@@ -3,15 +3,13 @@ DoWG against optax.contrib.dowg's form written out here; PolynomialDecayAverager
 against dog.PolynomialDecayAverager; state dict, bad arguments."""
 from __future__ import annotations
 
-import copy
-import io
 import math
 
 import pytest
 import torch
 
 import optimkit as ok
-from helpers import digits_problem, lockstep, train
+from helpers import digits_problem, lockstep, resume_on_digits, train
 
 dog = pytest.importorskip("dog")
 
@@ -130,21 +128,7 @@ def test_averager_first_step_copies_then_averages():
 
 @pytest.mark.parametrize("cls", ["DoG", "LDoG", "DoWG"])
 def test_state_dict_resume_is_exact(cls):
-    model, loss_fn = digits_problem(n=64)
-    other = copy.deepcopy(model)
-    opt = getattr(ok, cls)(model.parameters())
-    train(model, loss_fn, opt, 10)
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    sd = torch.load(buf)  # weights_only
-    other.load_state_dict(model.state_dict())
-    opt2 = getattr(ok, cls)(other.parameters())
-    opt2.load_state_dict(sd)
-    train(model, loss_fn, opt, 10)
-    train(other, loss_fn, opt2, 10)
-    for x, y in zip(model.parameters(), other.parameters()):
-        assert torch.equal(x, y)
+    resume_on_digits(getattr(ok, cls))
 
 
 @pytest.mark.parametrize("cls", ["DoG", "LDoG", "DoWG"])

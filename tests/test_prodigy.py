@@ -2,14 +2,12 @@
 dict, per-group d, groups with their own lr, bad arguments."""
 from __future__ import annotations
 
-import copy
-import io
 
 import pytest
 import torch
 
 import optimkit as ok
-from helpers import digits_problem, lockstep, train
+from helpers import digits_problem, lockstep, resume_on_digits, train
 
 prodigyopt = pytest.importorskip("prodigyopt")
 
@@ -51,23 +49,8 @@ def test_matches_prodigyopt_step_for_step_while_d_grows(case):
 
 
 def test_d_lives_in_the_state_dict_and_resume_is_exact():
-    model, loss_fn = digits_problem(n=64)
-    other = copy.deepcopy(model)
-    opt = ok.Prodigy(model.parameters(), weight_decay=0.01)
-    train(model, loss_fn, opt, 10)
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    sd = torch.load(buf)  # weights_only
-    assert sd["param_groups"][0]["d"] == opt.param_groups[0]["d"] > 1e-6
-    other.load_state_dict(model.state_dict())
-    opt2 = ok.Prodigy(other.parameters(), weight_decay=0.01)
-    opt2.load_state_dict(sd)
-    train(model, loss_fn, opt, 10)
-    train(other, loss_fn, opt2, 10)
-    for x, y in zip(model.parameters(), other.parameters()):
-        assert torch.equal(x, y)
-    assert opt.param_groups[0]["d"] == opt2.param_groups[0]["d"]
+    opt, opt2, sd = resume_on_digits(lambda ps: ok.Prodigy(ps, weight_decay=0.01))
+    assert opt2.param_groups[0]["d"] == opt.param_groups[0]["d"] and sd["param_groups"][0]["d"] > 1e-6
 
 
 def test_independent_d_equals_one_optimizer_per_group():
