@@ -22,6 +22,28 @@ def accumulator(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p, dtype=torch.float32 if low else p.dtype)
 
 
+class Sums:
+    """Sums of many 0-d tensors read with one device-to-host copy, instead of one
+    sync per tensor (``float(t)`` in a loop): ``add(key, t, scale)``, then
+    ``total()`` gives ``{key: float}`` (float64 sums)."""
+
+    def __init__(self, *keys: str):
+        self._parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+
+    def add(self, key: str, value: torch.Tensor, scale: float = 1.0) -> None:
+        value = value.double()
+        self._parts[key].append(value * scale if scale != 1.0 else value)
+
+    def total(self) -> dict[str, float]:
+        parts = [t for ts in self._parts.values() for t in ts]
+        if not parts:
+            return {k: 0.0 for k in self._parts}
+        device = parts[0].device
+        sums = [torch.stack([t.to(device) for t in ts]).sum() if ts
+                else torch.zeros((), dtype=torch.float64, device=device) for ts in self._parts.values()]
+        return dict(zip(self._parts, torch.stack(sums).tolist()))
+
+
 class GlobalScalarTransform(Transform):
     """A transform whose per-step scalars come from the optimizer's
     :meth:`Optimizer.prepare_step` (set in ``current`` before each group's kernel)."""

@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..core import validation as v
-from ..core.estimate import GlobalEstimate, GlobalScalarTransform, accumulator, wide
+from ..core.estimate import GlobalEstimate, GlobalScalarTransform, Sums, accumulator, wide
 from ..core.transform import Context
 from ..core.tensorlist import dense
 from .prodigy import _growth
@@ -88,7 +88,7 @@ class DAdaptAdam(GlobalEstimate):
         lr = max(num["lr"] for num, *_ in work)
         bc = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if head["use_bias_correction"] else 1.0
         sqrt_beta2 = math.sqrt(beta2)
-        acc, sk_l1 = 0.0, 0.0
+        sums = Sums("acc", "sk_l1")
         for num, group, params, grads in work:
             dlr = d * num["lr"] * bc
             self._step_values[id(group)] = {"dadapt_dlr": float(dlr), "dadapt_update": bool(num["lr"] > 0.0)}
@@ -101,11 +101,12 @@ class DAdaptAdam(GlobalEstimate):
                 s = st["s"]
                 here = s.to(g.device)
                 denom = wide(self._read(st, "exp_avg_sq", g.device)).sqrt().add_(num["eps"])
-                acc += r * dlr * float(torch.dot(wide(g), wide(here).div(denom.to(wide(g).dtype))))
+                sums.add("acc", torch.dot(wide(g), wide(here).div(denom.to(wide(g).dtype))), r * dlr)
                 here.mul_(sqrt_beta2).add_(g.to(here.dtype), alpha=dlr * (1 - sqrt_beta2))
-                sk_l1 += r * float(here.abs().sum())
+                sums.add("sk_l1", here.abs().sum(), r)
                 if here is not s:
                     s.copy_(here)
+        acc, sk_l1 = sums.total().values()
         numerator = sqrt_beta2 * head["numerator_weighted"] + (1 - sqrt_beta2) * acc
         # the groups keep this process's numerator (as dadaptation); d uses the sums over all
         total, sk_l1 = self._reduce([numerator, sk_l1], head)
@@ -188,13 +189,13 @@ class DAdaptSGD(GlobalEstimate):
         lr = max(num["lr"] for num, *_ in work)
         g0_norm = head["g0_norm"]
         if k == 0:  # the first gradient's norm, without weight decay (as dadaptation)
-            g_sq = 0.0
+            first = Sums("g_sq")
             for num, group, params, grads in work:
                 if num["lr"] > 0.0:
                     for view, g, st in self._tensors(num, group, params, grads):
-                        g_sq += float(torch.dot(wide(g), wide(g)))
-            g0_norm = math.sqrt(self._reduce([g_sq], head)[0])
-        numerator, sk_sq = head["numerator_weighted"], 0.0
+                        first.add("g_sq", torch.dot(wide(g), wide(g)))
+            g0_norm = math.sqrt(self._reduce([first.total()["g_sq"]], head)[0])
+        sums = Sums("numerator", "sk_sq")
         for num, group, params, grads in work:
             dlr = d * num["lr"] / g0_norm if g0_norm > 0.0 else 0.0
             self._step_values[id(group)] = {"dadapt_update": bool(num["lr"] > 0.0)}
@@ -205,11 +206,13 @@ class DAdaptSGD(GlobalEstimate):
                     g = g.add(view, alpha=num["weight_decay"])
                 s = st["s"]
                 here = s.to(g.device)
-                numerator += dlr * float(torch.dot(wide(g), wide(here)))
+                sums.add("numerator", torch.dot(wide(g), wide(here)), dlr)
                 here.add_(g.to(here.dtype), alpha=dlr)
-                sk_sq += float(torch.dot(wide(here), wide(here)))
+                sums.add("sk_sq", torch.dot(wide(here), wide(here)))
                 if here is not s:
                     s.copy_(here)
+        added, sk_sq = sums.total().values()
+        numerator = head["numerator_weighted"] + added
         # the groups keep this process's numerator (as dadaptation); d uses the sums over all
         sk_sq, total = self._reduce([sk_sq, numerator], head)
         skip = sk_sq == 0.0  # no gradient yet (dadaptation divides by zero here)
@@ -298,7 +301,7 @@ class DAdaptLion(GlobalEstimate):
         k, d = int(head["k"]), head["d"]
         lr = max(num["lr"] for num, *_ in work)
         sqrt_beta2 = math.sqrt(beta2)
-        acc, sk_l1 = 0.0, 0.0
+        sums = Sums("acc", "sk_l1")
         for num, group, params, grads in work:
             dlr = d * num["lr"]
             b1 = num["betas"][0]
@@ -310,11 +313,12 @@ class DAdaptLion(GlobalEstimate):
                 here = s.to(g.device)
                 m = self._read(st, "exp_avg", g.device)
                 update = (m * b1).add_(g.to(m.dtype), alpha=1 - b1).sign_()
-                acc += dlr * float(torch.dot(wide(update), wide(here).to(wide(update).dtype)))
+                sums.add("acc", torch.dot(wide(update), wide(here).to(wide(update).dtype)), dlr)
                 here.mul_(sqrt_beta2).add_(update.to(here.dtype), alpha=(1 - sqrt_beta2) * dlr)
-                sk_l1 += float(here.abs().sum())
+                sums.add("sk_l1", here.abs().sum())
                 if here is not s:
                     s.copy_(here)
+        acc, sk_l1 = sums.total().values()
         numerator = sqrt_beta2 * head["numerator_weighted"] + (1 - sqrt_beta2) * acc
         # the groups keep this process's numerator (as dadaptation); d uses the sums over all
         total, sk_l1 = self._reduce([numerator, sk_l1], head)

@@ -12,7 +12,7 @@ import torch
 from ..core import validation as v
 from ..core.transform import Context
 from ..core.tensorlist import dense
-from ..core.estimate import GlobalEstimate, GlobalScalarTransform, wide
+from ..core.estimate import GlobalEstimate, GlobalScalarTransform, Sums, wide
 
 
 class DoGStep(GlobalScalarTransform):
@@ -82,17 +82,18 @@ class DoG(GlobalEstimate):
         for num, group, params, grads in work:
             first = group["rbar"] is None
             reps = 0.0 if num["init_eta"] is not None else num["reps_rel"]
-            x_sq, dist_sq, g_sq = 0.0, 0.0, 0.0
+            sums = Sums("x_sq", "dist_sq", "g_sq")
             for view, g, st in self._tensors(num, group, params, grads):
                 if num["weight_decay"]:
                     g = g.add(view, alpha=num["weight_decay"])
                 x = wide(view)
-                g_sq += float(torch.dot(wide(g), wide(g)))
+                sums.add("g_sq", torch.dot(wide(g), wide(g)))
                 if first:
-                    x_sq += float(torch.dot(x, x))
+                    sums.add("x_sq", torch.dot(x, x))
                 else:
                     diff = x - wide(st["x0"].to(view.device)).to(x.dtype)
-                    dist_sq += float(torch.dot(diff, diff))
+                    sums.add("dist_sq", torch.dot(diff, diff))
+            x_sq, dist_sq, g_sq = sums.total().values()
             if first:
                 rbar, G = reps * (1 + math.sqrt(x_sq)), g_sq + num["eps"]
             else:
@@ -190,13 +191,14 @@ class DoWG(DoG):
 
     def estimate(self, work) -> None:
         for num, group, params, grads in work:
-            dist_sq, g_sq = 0.0, 0.0
+            sums = Sums("dist_sq", "g_sq")
             for view, g, st in self._tensors(num, group, params, grads):
                 if num["weight_decay"]:
                     g = g.add(view, alpha=num["weight_decay"])
                 diff = wide(view) - wide(st["x0"].to(view.device))
-                dist_sq += float(torch.dot(diff, diff))
-                g_sq += float(torch.dot(wide(g), wide(g)))
+                sums.add("dist_sq", torch.dot(diff, diff))
+                sums.add("g_sq", torch.dot(wide(g), wide(g)))
+            dist_sq, g_sq = sums.total().values()
             r2 = max(num["estim_sq_dist"], dist_sq)
             weighted = r2 * g_sq + num["weighted_sq_norm_grads"]
             eta = num["lr"] * r2 / (math.sqrt(weighted) + num["eps"]) if weighted + num["eps"] > 0 else 0.0

@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..core import validation as v
-from ..core.estimate import GlobalEstimate, GlobalScalarTransform, wide
+from ..core.estimate import GlobalEstimate, GlobalScalarTransform, Sums, wide
 from ..core.tensorlist import dense
 from ..core.transform import Context
 
@@ -30,9 +30,12 @@ class _GlobalStep(GlobalEstimate):
         raise NotImplementedError
 
     def estimate(self, work) -> None:
-        total = sum(float(wide(g).double().pow(2).sum()) for num, group, params, grads in work
-                    for g in (torch.view_as_real(g) if g.is_complex() else g for g in grads))
-        scale = float(self._scale(total))
+        sums = Sums("sq")
+        for num, group, params, grads in work:
+            for g in grads:
+                g = torch.view_as_real(g) if g.is_complex() else g
+                sums.add("sq", wide(g).double().pow(2).sum())
+        scale = float(self._scale(sums.total()["sq"]))
         for group in self.param_groups:
             self._step_values[id(group)] = {"global_scale": scale}
 
@@ -177,14 +180,14 @@ class PSPS(SPS):
         return [PSPSDirection()]
 
     def estimate(self, work) -> None:
-        weighted, scales = 0.0, {}
+        sums, scales = Sums("weighted"), {}
         for num, group, params, grads in work:
             kind = num["preconditioner"]
             bc = 1.0
             for p, g, st in self._tensors(num, group, params, grads):
                 gw = wide(g)
                 if kind == "none":
-                    weighted += float(gw.double().pow(2).sum())
+                    sums.add("weighted", gw.double().pow(2).sum())
                     continue
                 acc = st["precond_acc"]
                 here = acc.to(g.device)
@@ -196,8 +199,9 @@ class PSPS(SPS):
                 if here is not acc:
                     acc.copy_(here)
                 denom = wide(here).div(bc).sqrt().add(num["precond_eps"])
-                weighted += float((gw.double().pow(2) / denom.double()).sum())
+                sums.add("weighted", (gw.double().pow(2) / denom.double()).sum())
             scales[id(group)] = bc
+        weighted = sums.total()["weighted"]
         head = v.as_numbers(self.param_groups[0])
         total = weighted + head["eps"]
         gamma = 0.0 if total == 0.0 else min((self._loss - head["f_star"]) / total, head["max_lr"])

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..core import validation as v
-from ..core.estimate import GlobalEstimate, GlobalScalarTransform
+from ..core.estimate import GlobalEstimate, GlobalScalarTransform, Sums
 from ..core.transform import Context
 from ..core.tensorlist import TensorList, dense
 
@@ -133,17 +133,12 @@ class Prodigy(GlobalEstimate):
         lr = max(num["lr"] for num, *_ in pool)
         bc = math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1)) if head["use_bias_correction"] else 1.0
         numerator = head["d_numerator"] * beta3
-        delta, denom = 0.0, 0.0
+        sums = Sums("delta", "denom")
         for num, group, params, grads in pool:
             dlr = d * num["lr"] * bc  # prodigyopt: one lr for all groups (it refuses others)
             if num["lr"] <= 0.0:
                 continue
-            for p, g in zip(params, grads):
-                view = torch.view_as_real(p) if p.is_complex() else p
-                g = torch.view_as_real(g) if g.is_complex() else g
-                if num["maximize"]:
-                    g = -g
-                st = self._state_for(p, view, group)
+            for view, g, st in self._tensors(num, group, params, grads):
                 if num["weight_decay"] and not num["decouple"]:
                     g = g.add(view, alpha=num["weight_decay"])
                 s, p0 = st["s"], st["p0"]
@@ -151,12 +146,13 @@ class Prodigy(GlobalEstimate):
                 sliced = g.reshape(-1)[::step]
                 here = s.to(sliced.device)
                 moved = p0.to(here.device) - view.reshape(-1)[::step].to(here.dtype)
-                delta += (d / d0) * dlr * float(torch.dot(sliced.to(here.dtype), moved))
+                sums.add("delta", torch.dot(sliced.to(here.dtype), moved), (d / d0) * dlr)
                 here.mul_(beta3).add_(sliced.to(here.dtype),
                                       alpha=(d / d0) * (d if num["safeguard_warmup"] else dlr))
-                denom += float(here.abs().sum())
+                sums.add("denom", here.abs().sum())
                 if here is not s:
                     s.copy_(here)
+        delta, denom = sums.total().values()
         skip = denom == 0.0
         d_new, d_hat = d, d
         if not skip and lr > 0.0:
