@@ -286,6 +286,7 @@ RESUME_CASES = {
     # rank 8, a new basis every 3 steps: the resumed run (steps 5..10) crosses refreshes at 7 and 10
     "adamw_galore": dict(projection=dict(rank=8, interval=3)),
     "muon": {},
+    "schedulefree_adamw": {},  # the Trainer calls optimizer.train() before training
 }
 
 
@@ -325,3 +326,25 @@ def test_trainer_trains_and_resumes_bit_exactly(tmp_path, name, one_thread):
         os.remove(ckpt / "optimizer.pt")
         fresh, _, _ = _train(tmp_path, name, max_steps=10, save_steps=4, resume=str(ckpt), perturb=True)
         assert not all(torch.equal(p, reference[n]) for n, p in fresh.named_parameters())
+
+
+def test_optimkit_trainer_derives_the_length_from_the_data(tmp_path, one_thread):
+    """OptimkitTrainer with max_steps=-1 (2 epochs of 6 steps) equals Trainer(optimizers=
+    create_optimizer(..., num_training_steps=12)), and builds the same optimizer."""
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=2)
+    model = tiny_gpt2()
+    trainer = hf.OptimkitTrainer(model, args, train_dataset=byte_dataset(), optimizer_name="adamw_q8",
+                                 optimizer_kwargs=dict(betas=(0.9, 0.95)))
+    trainer.train()
+    assert trainer.state.global_step == 12
+    opt = trainer.optimizer.optimizer  # accelerate's wrapper around it
+    assert isinstance(opt, ok.AdamW) and opt.param_groups[0]["betas"] == (0.9, 0.95)
+    assert all(g["state_precision"] == "q8" for g in opt.param_groups)
+    reference = tiny_gpt2()
+    ref_opt = hf.create_optimizer(reference, args, "adamw_q8", betas=(0.9, 0.95), num_training_steps=12)
+    Trainer(reference, args, train_dataset=byte_dataset(), optimizers=ref_opt).train()
+    expected = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, expected[n]), n
+    with pytest.raises(ValueError, match="Invalid name"):
+        hf.OptimkitTrainer(tiny_gpt2(), args, optimizer_name="adamq")

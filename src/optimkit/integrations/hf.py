@@ -35,7 +35,7 @@ from ..core import registry
 from ..core import validation as v
 from ..projection import APOLLO, FRUGAL, APOLLOMini, GaLore, Projection
 
-__all__ = ["create_optimizer", "create_scheduler", "param_groups", "decay_parameter_names",
+__all__ = ["OptimkitTrainer", "build_optimizer", "create_optimizer", "create_scheduler", "param_groups", "decay_parameter_names",
            "resolve_name", "names", "HF_ALIASES"]
 
 #: ``TrainingArguments.optim`` names -> optimkit names (the rest of the grammar: :func:`resolve_name`).
@@ -211,7 +211,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, projection: Projectio
 # --------------------------------------------------------------------------- optimizer
 def create_optimizer(model: nn.Module, args: Any, name: str = "adamw", *,
                      num_training_steps: int | None = None, **overrides: Any):
-    """``(optimizer, lr_scheduler)`` for ``Trainer(..., optimizers=(optimizer, lr_scheduler))``.
+    """``(optimizer, lr_scheduler)`` for ``Trainer(..., optimizers=(optimizer, lr_scheduler))``:
+    :func:`build_optimizer` then :func:`create_scheduler` (whose lengths are checked first).
 
     Args:
         model: the model the Trainer trains (its trainable parameters, tied ones once).
@@ -250,6 +251,14 @@ def create_optimizer(model: nn.Module, args: Any, name: str = "adamw", *,
     are refused with ``ValueError``. Bad arguments raise ``ValueError`` /
     ``TypeError`` naming them before anything is built.
     """
+    total, warmup = _lengths(args, num_training_steps)  # checked before anything is built
+    optimizer = build_optimizer(model, args, name, **overrides)
+    return optimizer, create_scheduler(optimizer, args, num_training_steps=total, num_warmup_steps=warmup)
+
+
+def build_optimizer(model: nn.Module, args: Any, name: str = "adamw", **overrides: Any):
+    """The optimizer of :func:`create_optimizer` alone (no scheduler, so no length needed);
+    what :class:`OptimkitTrainer` builds in ``Trainer.create_optimizer``."""
     base, precision, proj_cls = resolve_name(name)
     cls = registry._lookup(base)
     why = ("needs step(closure)" if cls.requires_closure else
@@ -281,7 +290,6 @@ def create_optimizer(model: nn.Module, args: Any, name: str = "adamw", *,
     v.nonneg("learning_rate", lr)
     v.nonneg("weight_decay", weight_decay)
     beta1, beta2, eps = _arg(args, "adam_beta1"), _arg(args, "adam_beta2"), _arg(args, "adam_epsilon")
-    total, warmup = _lengths(args, num_training_steps)  # checked before anything is built
 
     allowed = cls.all_defaults()
     kwargs: dict[str, Any] = {"lr": lr}
@@ -303,8 +311,7 @@ def create_optimizer(model: nn.Module, args: Any, name: str = "adamw", *,
             g.pop("weight_decay", None)
     if not groups:
         raise ValueError("Invalid model: it has no trainable parameters (requires_grad=True)")
-    optimizer = cls(groups, **kwargs)
-    return optimizer, create_scheduler(optimizer, args, num_training_steps=total, num_warmup_steps=warmup)
+    return cls(groups, **kwargs)
 
 
 def _projection(proj_cls: type | None, value: Any) -> Projection | None:
@@ -411,3 +418,46 @@ def _optimkit_scheduler(kind: str, optimizer, total: int, warm: int, kw: dict):
                          "without it: linear, cosine, cosine_with_restarts, cosine_with_min_lr, "
                          "polynomial, constant, constant_with_warmup, inverse_sqrt, warmup_stable_decay")
     return sched.scheduler(optimizer)
+
+
+# --------------------------------------------------------------------------- Trainer subclass
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    class OptimkitTrainer(Trainer):
+        """A ``transformers.Trainer`` that builds an optimkit optimizer (:func:`build_optimizer`)
+        in ``create_optimizer``; the Trainer then makes its own scheduler from ``args``
+        (with the number of steps it derives from the data when ``max_steps <= 0``).
+
+            trainer = OptimkitTrainer(model, args, train_dataset=ds, optimizer_name="muon")
+
+        Args (besides the Trainer's): ``optimizer_name`` (any :func:`create_optimizer`
+        name) and ``optimizer_kwargs`` (its ``**overrides``)."""
+
+        def __init__(self, *args: Any, optimizer_name: str = "adamw", optimizer_kwargs: dict | None = None,
+                     **kwargs: Any):
+            resolve_name(optimizer_name)  # a bad name fails here, not at train()
+            if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
+                raise TypeError(f"optimizer_kwargs must be a dict, got {type(optimizer_kwargs).__name__}")
+            super().__init__(*args, **kwargs)
+            self.optimizer_name = optimizer_name
+            self.optimizer_kwargs = dict(optimizer_kwargs or {})
+
+        def create_optimizer(self, model: nn.Module | None = None):
+            """Build the optimkit optimizer once (``self.optimizer``), from ``self.args``."""
+            if self.optimizer is None:
+                self.optimizer = build_optimizer(self.model if model is None else model, self.args,
+                                                 self.optimizer_name, **self.optimizer_kwargs)
+            return self.optimizer
+
+    OptimkitTrainer.__module__ = __name__
+    return OptimkitTrainer
+
+
+def __getattr__(name: str) -> Any:
+    """``OptimkitTrainer`` is defined on first access (it imports transformers)."""
+    if name == "OptimkitTrainer":
+        cls = _trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
