@@ -260,7 +260,7 @@ def build_optimizer(model: nn.Module, args: Any, name: str = "adamw", **override
     """The optimizer of :func:`create_optimizer` alone (no scheduler, so no length needed);
     what :class:`OptimkitTrainer` builds in ``Trainer.create_optimizer``."""
     base, precision, proj_cls = resolve_name(name)
-    cls = registry._lookup(base)
+    cls: Any = registry._lookup(base)
     why = ("needs step(closure)" if cls.requires_closure else
            "is gradient-free (needs a closure of forward passes)" if getattr(cls, "gradient_free", False) else
            "needs loss.backward(create_graph=True)" if cls.requires_create_graph else None)
@@ -276,6 +276,9 @@ def build_optimizer(model: nn.Module, args: Any, name: str = "adamw", **override
         raise TypeError(f"adamw= is for name='muon' (the AdamW groups' hyperparameters), got name={name!r}")
     if aux is not None and not isinstance(aux, dict):
         raise TypeError(f"adamw must be a dict of hyperparameters, got {type(aux).__name__}")
+    for key in ("params", "use_muon"):
+        if aux is not None and key in aux:
+            raise ValueError(f"Invalid adamw: {key!r} is set by create_optimizer")
     projection = _projection(proj_cls, overrides.pop("projection", None))
     if projection is not None and cls.projection_refused:
         raise ValueError(f"Invalid name: {name!r}: {cls.__name__} refuses projections "
@@ -329,9 +332,9 @@ def _projection(proj_cls: type | None, value: Any) -> Projection | None:
 
 
 # --------------------------------------------------------------------------- scheduler
-def _lengths(args: Any, num_training_steps: int | None) -> tuple[int, int]:
+def _lengths(args: Any, num_training_steps: Any) -> tuple[int, int]:
     """``(num_training_steps, num_warmup_steps)`` from ``args`` (and the keyword)."""
-    max_steps = _arg(args, "max_steps")
+    max_steps: Any = _arg(args, "max_steps")
     if num_training_steps is None:
         if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral):
             raise TypeError(f"args.max_steps must be an int, got {type(max_steps).__name__}")
@@ -341,18 +344,19 @@ def _lengths(args: Any, num_training_steps: int | None) -> tuple[int, int]:
                              "(len(train_dataloader) // gradient_accumulation_steps * num_train_epochs)")
         num_training_steps = max_steps
     total = v.positive_int("num_training_steps", num_training_steps)
-    warm = _arg(args, "warmup_steps") or 0
-    ratio = _arg(args, "warmup_ratio") or 0.0
-    if isinstance(warm, bool) or not isinstance(warm, numbers.Real) or warm < 0:
+    warm: Any = _arg(args, "warmup_steps") or 0
+    ratio: Any = _arg(args, "warmup_ratio") or 0.0
+    if isinstance(warm, bool) or not isinstance(warm, numbers.Real) or float(warm) < 0:
         raise ValueError(f"Invalid warmup_steps: {warm!r} (must be a number >= 0; below 1 a ratio)")
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio <= 1:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= float(ratio) <= 1:
         raise ValueError(f"Invalid warmup_ratio: {ratio!r} (must be in [0, 1])")
-    if warm >= 1:
-        steps = int(warm)
-    elif warm > 0:
-        steps = math.ceil(total * warm)
+    warm_f, ratio_f = float(warm), float(ratio)
+    if warm_f >= 1:
+        steps = int(warm_f)
+    elif warm_f > 0:
+        steps = math.ceil(total * warm_f)
     else:
-        steps = math.ceil(total * ratio)
+        steps = math.ceil(total * ratio_f)
     return total, steps
 
 
@@ -391,6 +395,7 @@ def _optimkit_scheduler(kind: str, optimizer, total: int, warm: int, kw: dict):
     """transformers' named schedules, built from :mod:`optimkit.schedules`."""
     from .. import schedules as s
 
+    sched: s.Schedule
     if kind == "linear":
         sched = s.linear(total, warm, **kw)
     elif kind == "cosine":
@@ -446,8 +451,8 @@ def _trainer_class() -> type:
         def create_optimizer(self, model: nn.Module | None = None):
             """Build the optimkit optimizer once (``self.optimizer``), from ``self.args``."""
             if self.optimizer is None:
-                self.optimizer = build_optimizer(self.model if model is None else model, self.args,
-                                                 self.optimizer_name, **self.optimizer_kwargs)
+                target: Any = self.model if model is None else model
+                self.optimizer = build_optimizer(target, self.args, self.optimizer_name, **self.optimizer_kwargs)
             return self.optimizer
 
     OptimkitTrainer.__module__ = __name__
