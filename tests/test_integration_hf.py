@@ -259,18 +259,36 @@ def test_warmup_ratio(tmp_path):
 
 
 # --------------------------------------------------------------------------- Trainer runs
-def _train(out, name, max_steps, save_steps=None, resume=None, perturb=False, **kw):
+def _train(out, name, max_steps, save_steps=None, resume=None, perturb=False, args_kw=None, **kw):
     model = tiny_gpt2()
     if perturb:  # the resumed run must get its weights from the checkpoint
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
-    args = training_args(out, max_steps=max_steps, save_steps=save_steps)
+    args = training_args(out, max_steps=max_steps, save_steps=save_steps, **(args_kw or {}))
     opt, sched = hf.create_optimizer(model, args, name, **kw)
-    trainer = Trainer(model, args, train_dataset=byte_dataset(), optimizers=(opt, sched))
+    evaluating = args.eval_strategy != "no"
+    trainer = Trainer(model, args, train_dataset=byte_dataset(), optimizers=(opt, sched),
+                      eval_dataset=byte_dataset(16) if evaluating else None)
     trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return model, opt, losses
+
+
+def assert_same_run(model_a, opt_a, model_b, opt_b):
+    """Bit-identical weights and optimizer state (every tensor, every plain value)."""
+    reference = dict(model_a.named_parameters())
+    for n, p in model_b.named_parameters():
+        assert torch.equal(p, reference[n]), n
+    for group_a, group_b in zip(opt_a.param_groups, opt_b.param_groups):
+        for a, b in zip(group_a["params"], group_b["params"]):
+            sa, sb = opt_a.state[a], opt_b.state[b]
+            assert sa.keys() == sb.keys()
+            for key in sa:
+                if isinstance(sa[key], torch.Tensor):
+                    assert torch.equal(sa[key], sb[key]), key
+                else:
+                    assert sa[key] == sb[key], key
 
 
 @pytest.fixture
@@ -311,23 +329,28 @@ def test_trainer_trains_and_resumes_bit_exactly(tmp_path, name, one_thread):
     resumed, opt2, losses2 = _train(tmp_path, name, max_steps=10, save_steps=4, resume=str(ckpt),
                                     perturb=True, **kw)
     assert losses2 == losses  # the log history comes back with the checkpoint, then the same losses
-    reference = dict(full.named_parameters())
-    for n, p in resumed.named_parameters():
-        assert torch.equal(p, reference[n]), n
-    for p_full, p_res in zip(opt.param_groups, opt2.param_groups):
-        for a, b in zip(p_full["params"], p_res["params"]):
-            sa, sb = opt.state[a], opt2.state[b]
-            assert sa.keys() == sb.keys()
-            for key in sa:
-                if isinstance(sa[key], torch.Tensor):
-                    assert torch.equal(sa[key], sb[key]), key
-                else:
-                    assert sa[key] == sb[key], key
+    assert_same_run(full, opt, resumed, opt2)
 
     if name == "adamw":  # control: without the optimizer state the same resume does not match
         os.remove(ckpt / "optimizer.pt")
         fresh, _, _ = _train(tmp_path, name, max_steps=10, save_steps=4, resume=str(ckpt), perturb=True)
+        reference = dict(full.named_parameters())
         assert not all(torch.equal(p, reference[n]) for n, p in fresh.named_parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw_q8", "schedulefree_adamw", "muon"])
+def test_resume_with_accumulation_autocast_and_evaluation(tmp_path, name, one_thread):
+    """Gradient accumulation (2), bf16 autocast and an evaluation every 2 steps (the Trainer
+    switches schedule-free optimizers to eval() and back): resume at step 3 of 8 still bit-exact."""
+    setting = dict(gradient_accumulation_steps=2, bf16=True, eval_strategy="steps", eval_steps=2,
+                   per_device_eval_batch_size=8)
+    full, opt, losses = _train(tmp_path, name, max_steps=8, save_steps=3, args_kw=setting)
+    assert losses[-1] < losses[0] - 0.5, losses
+    resumed, opt2, losses2 = _train(tmp_path, name, max_steps=8, save_steps=3, args_kw=setting,
+                                    resume=str(tmp_path / "checkpoint-3"), perturb=True)
+    assert losses2 == losses
+    assert_same_run(full, opt, resumed, opt2)
 
 
 def test_optimkit_trainer_derives_the_length_from_the_data(tmp_path, one_thread):
