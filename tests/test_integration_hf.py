@@ -175,9 +175,22 @@ def test_hyperparameters_from_args(tmp_path):
     assert isinstance(opt, ok.AdamW)
     assert [(g["initial_lr"], g["betas"], g["eps"], g["weight_decay"]) for g in opt.param_groups] == [
         (2e-3, (0.8, 0.95), 1e-6, 0.05), (2e-3, (0.8, 0.95), 1e-6, 0.0)]
-    lion, _ = hf.create_optimizer(model, args, "lion", betas=(0.9, 0.99), weight_decay=0.5)
+    lion, _ = hf.create_optimizer(model, args, "lion", betas=(0.95, 0.98), weight_decay=0.5)
     assert isinstance(lion, ok.Lion)
-    assert [(g["betas"], g["weight_decay"]) for g in lion.param_groups] == [((0.9, 0.99), 0.5), ((0.9, 0.99), 0.0)]
+    assert [(g["betas"], g["weight_decay"]) for g in lion.param_groups] == [((0.95, 0.98), 0.5), ((0.95, 0.98), 0.0)]
+    lion, _ = hf.create_optimizer(model, args, "lion")  # args' betas were set: they apply
+    assert lion.param_groups[0]["betas"] == (0.8, 0.95)
+    # with TrainingArguments' default betas/eps every optimizer keeps its own defaults
+    default_args = training_args(tmp_path)
+    for name in ("lion", "soap", "adabelief", "adam"):
+        opt, _ = hf.create_optimizer(model, default_args, name)
+        cls_defaults = ok.info(name).defaults
+        assert opt.param_groups[0]["betas"] == cls_defaults["betas"]
+        assert opt.param_groups[0].get("eps") == cls_defaults.get("eps")
+    muon, _ = hf.create_optimizer(model, default_args, "muon")
+    assert muon.param_groups[-1]["adamw_betas"] == (0.9, 0.95)
+    muon, _ = hf.create_optimizer(model, args, "muon")
+    assert (muon.param_groups[-1]["adamw_betas"], muon.param_groups[-1]["adamw_eps"]) == ((0.8, 0.95), 1e-6)
     q8, _ = hf.create_optimizer(model, args, "adamw_q8", compile=False)
     assert all(g["state_precision"] == "q8" for g in q8.param_groups)
     plain = types.SimpleNamespace(learning_rate=1e-3, max_steps=5)  # TrainingArguments' defaults for the rest
@@ -219,7 +232,7 @@ def test_muon_split(tmp_path):
     assert {names[id(p)] for p in decay["params"]} == {"transformer.wte.weight", "transformer.wpe.weight"}
     assert (decay["initial_lr"], decay["weight_decay"], plain["initial_lr"], plain["weight_decay"]) == (3e-4, 0.1, 3e-4, 0.0)
     assert all(p.dim() == 1 for p in plain["params"])
-    assert decay["adamw_betas"] == (0.9, 0.999) and decay["adamw_eps"] == 1e-8
+    assert decay["adamw_betas"] == (0.9, 0.95) and decay["adamw_eps"] == 1e-8  # Muon's own
 
 
 # --------------------------------------------------------------------------- schedules
@@ -253,7 +266,8 @@ def test_warmup_ratio(tmp_path):
     assert hf._lengths(types.SimpleNamespace(max_steps=40, warmup_steps=0.1), None) == (40, 4)
     assert hf._lengths(types.SimpleNamespace(max_steps=40, warmup_ratio=0.25), None) == (40, 10)
     args = training_args(tmp_path, max_steps=40, warmup_steps=0.1)
-    assert hf._lengths(args, None) == (40, args.get_warmup_steps(40))
+    if int(transformers.__version__.split(".")[0]) >= 5:  # warmup_steps < 1 is a ratio there
+        assert hf._lengths(args, None) == (40, args.get_warmup_steps(40))
     with pytest.raises(ValueError, match="warmup_steps"):
         hf._lengths(types.SimpleNamespace(max_steps=40, warmup_steps=-1), None)
 

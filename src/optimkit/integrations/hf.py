@@ -238,13 +238,14 @@ def create_optimizer(model: nn.Module, args: Any, name: str = "adamw", *,
             ``adamw=dict(...)`` sets the AdamW groups' hyperparameters (e.g. ``lr``).
 
     Hyperparameters taken from ``args``: ``lr=learning_rate``; ``weight_decay`` for
-    the decayed groups (0 for biases, norms and other vectors); ``betas=(adam_beta1,
+    the decayed groups (0 for biases, norms and other vectors); when set away from
+    ``TrainingArguments``' defaults (0.9, 0.999, 1e-8), ``betas=(adam_beta1,
     adam_beta2)`` for optimizers whose ``betas`` is a pair and ``eps=adam_epsilon``
-    for those of them with a float ``eps`` (as the Trainer passes them, Lion
-    included). Muon: ``lr`` and ``weight_decay`` for both rules, with
-    ``adjust_lr_fn="match_rms_adamw"`` (Moonlight's update-RMS matching, which is
-    what lets Muon share AdamW's learning rate) and ``adamw_betas``/``adamw_eps``
-    from ``args``.
+    for those of them with a float ``eps`` (with the defaults each optimizer keeps
+    its own: Adam's are those values, Lion keeps 0.99). Muon: ``lr`` and
+    ``weight_decay`` for both rules, with ``adjust_lr_fn="match_rms_adamw"``
+    (Moonlight's update-RMS matching, which is what lets Muon share AdamW's
+    learning rate), and ``adamw_betas``/``adamw_eps`` under the same rule.
 
     Optimizers the Trainer cannot drive (``step(closure)``-only ones such as SPS,
     gradient-free MeZO, Hessian methods needing ``backward(create_graph=True)``)
@@ -292,16 +293,27 @@ def build_optimizer(model: nn.Module, args: Any, name: str = "adamw", **override
     weight_decay = overrides.pop("weight_decay", _arg(args, "weight_decay"))
     v.nonneg("learning_rate", lr)
     v.nonneg("weight_decay", weight_decay)
-    beta1, beta2, eps = _arg(args, "adam_beta1"), _arg(args, "adam_beta2"), _arg(args, "adam_epsilon")
+    # Adam's betas/eps from args only where set away from TrainingArguments' defaults: with
+    # those defaults every optimizer keeps its own (Adam's are the same values; Lion's 0.99,
+    # SOAP's 0.95, Muon's AdamW (0.9, 0.95) stay)
+    betas = (_arg(args, "adam_beta1"), _arg(args, "adam_beta2"))
+    eps = _arg(args, "adam_epsilon")
+    set_betas = betas != (_ARG_DEFAULTS["adam_beta1"], _ARG_DEFAULTS["adam_beta2"])
+    set_eps = eps != _ARG_DEFAULTS["adam_epsilon"]
 
     allowed = cls.all_defaults()
     kwargs: dict[str, Any] = {"lr": lr}
     defaults = cls.defaults
     if base == "muon":
-        kwargs.update(adjust_lr_fn="match_rms_adamw", adamw_betas=(beta1, beta2), adamw_eps=eps)
+        kwargs["adjust_lr_fn"] = "match_rms_adamw"
+        if set_betas:
+            kwargs["adamw_betas"] = betas
+        if set_eps:
+            kwargs["adamw_eps"] = eps
     elif isinstance(defaults.get("betas"), tuple) and len(defaults["betas"]) == 2:
-        kwargs["betas"] = (beta1, beta2)
-        if isinstance(defaults.get("eps"), float):
+        if set_betas:
+            kwargs["betas"] = betas
+        if set_eps and isinstance(defaults.get("eps"), float):
             kwargs["eps"] = eps
     kwargs.update(overrides)
     has_decay = "weight_decay" in allowed
