@@ -110,6 +110,10 @@ def test_bad_arguments(tmp_path):
         hf.create_optimizer(model, training_args(tmp_path), "adamw", adamw=dict(lr=1.0))
     with pytest.raises(ValueError, match="Invalid adamw: 'use_muon'"):
         hf.create_optimizer(model, training_args(tmp_path), "muon", adamw=dict(use_muon=True))
+    with pytest.raises(TypeError, match="weight_decay"):
+        hf.create_optimizer(model, training_args(tmp_path), "sm3", weight_decay=0.1)
+    with pytest.warns(UserWarning, match="no weight decay"):
+        hf.create_optimizer(model, training_args(tmp_path, weight_decay=0.1), "sm3")
     with pytest.raises(ValueError, match="state_precision"):
         hf.create_optimizer(model, training_args(tmp_path), "adamw_q8", state_precision="bf16")
     for n, p in model.named_parameters():

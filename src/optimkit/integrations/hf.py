@@ -27,6 +27,7 @@ import json
 import math
 import numbers
 import re
+import warnings
 from typing import Any
 
 from torch import nn
@@ -290,9 +291,16 @@ def build_optimizer(model: nn.Module, args: Any, name: str = "adamw", **override
         overrides["state_precision"] = precision
 
     lr = _arg(args, "learning_rate")
+    explicit_decay = "weight_decay" in overrides
     weight_decay = overrides.pop("weight_decay", _arg(args, "weight_decay"))
     v.nonneg("learning_rate", lr)
     v.nonneg("weight_decay", weight_decay)
+    if "weight_decay" not in cls.all_defaults() and weight_decay:
+        if explicit_decay:
+            raise TypeError(f"{cls.__name__} got an unexpected keyword argument 'weight_decay' "
+                            "(it has no weight decay)")
+        warnings.warn(f"create_optimizer: {cls.__name__} has no weight decay; "
+                      f"args.weight_decay={weight_decay} is not applied", stacklevel=3)
     # Adam's betas/eps from args only where set away from TrainingArguments' defaults: with
     # those defaults every optimizer keeps its own (Adam's are the same values; Lion's 0.99,
     # SOAP's 0.95, Muon's AdamW (0.9, 0.95) stay)
