@@ -515,3 +515,37 @@ def test_fragments_split_by_size():
     assert sizes == [[100], [10, 10, 80], [5, 5]]
     assert [p for f in opt.fragments for p in f] == ps
     assert [opt.sync_steps(i) for i in range(3)] == [(3, 10), (6, 10), (10, 10)]
+
+
+# ----------------------------------------------------------------- four ranks (slow: one more launch)
+def _four_main(rank, world):
+    out = {}
+    for name in ("nesterov", "overlap"):
+        inner_fn, kw, dtype, steps, bs, n = SCENARIOS[name]
+        model = _model(dtype)
+        opt = _diloco(model, inner_fn, kw)
+        _train(opt, model, _shard(rank, n, dtype), steps, bs)
+        out[name] = (_params(model), [g.clone() for g in opt.global_params])
+    model = _model()
+    opt = ok.DiLoCo(_adamw(list(model.parameters())), sync_every=5, fragments=2, outer_grad_precision="q8")
+    _train(opt, model, _shard(rank, 64), 10, 32)
+    out["q8"] = [g.clone() for g in opt.global_params]
+    return out
+
+
+@pytest.mark.slow
+def test_four_ranks():
+    """4 workers: the ranks agree bit for bit (also with q8 outer gradients) and match the
+    simulation of the equations (to fp32 rounding: gloo sums four numbers in its own order)."""
+    res = run_ranks(_four_main, 4, timeout=240)
+    for r in res[1:]:
+        for key in ("nesterov", "overlap"):
+            _equal(r[key][1], res[0][key][1])
+        _equal(r["q8"], res[0]["q8"])
+    for key in ("nesterov", "overlap"):
+        sim, glob = _simulate(key, world=4)
+        for g, s in zip(res[0][key][1], glob):
+            torch.testing.assert_close(g, s, rtol=1e-5, atol=1e-6)
+        for r, s in zip(res, sim):
+            for p, q in zip(r[key][0], s):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
