@@ -305,7 +305,10 @@ class DiLoCo:
             flat = torch.cat([(self._global[i].to(self._params[i].device) - self._params[i].detach()).reshape(-1)
                               for i in idx])
             finishers.append(self._communicate(flat))
-        self._pending.append(_Pending(fragment, due, lambda fs=finishers: [f() for f in fs]))
+
+        def finish() -> list[Tensor]:
+            return [f() for f in finishers]
+        self._pending.append(_Pending(fragment, due, finish))
 
     def _communicate(self, flat: Tensor) -> Callable[[], Tensor]:
         """Start the collective that averages ``flat`` over the workers; returns the
@@ -427,4 +430,4 @@ class DiLoCo:
             f = int(pend["fragment"])
             means = [m.to(self._params[idx[0]].device, self._params[idx[0]].dtype, copy=True)
                      for m, idx in zip(pend["means"], self._buckets(f))]
-            self._pending.append(_Pending(f, int(pend["due"]), lambda: [], result=means))
+            self._pending.append(_Pending(f, int(pend["due"]), list, result=means))
