@@ -177,6 +177,11 @@ def _rank_main(rank, world):
                         outer_grad_precision=prec)
         _train(opt, model, _shard(rank, 64), 10, 32)
         out["quant_" + prec] = {"log": log, "bytes": opt.communicated_bytes}
+    for prec in ("fp32", "bf16", "q8"):  # bf16 parameters: outer gradients summed in float32
+        model = _model(torch.bfloat16)
+        opt = ok.DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), sync_every=3, outer_grad_precision=prec)
+        _train(opt, model, _shard(rank, 64, torch.bfloat16), 6, 32)
+        out["bf16_params_" + prec] = [g.clone() for g in opt.global_params]
     for prec in ("fp32", "bf16", "q8"):
         out["train_" + prec] = _train_task(rank, dict(sync_every=10, outer_grad_precision=prec), 300)
     out["resume"] = _resume_case(rank, dict(sync_every=4, fragments=2, overlap_steps=1,
@@ -275,6 +280,9 @@ def test_ranks_agree(ranks):
         _equal(r0[name]["global"], r1[name]["global"])
     for prec in ("fp32", "bf16", "q8"):
         _equal(r0["train_" + prec], r1["train_" + prec])
+        _equal(r0["bf16_params_" + prec], r1["bf16_params_" + prec])
+        assert all(g.dtype == torch.bfloat16 and g.isfinite().all() for g in r0["bf16_params_" + prec])
+        assert not torch.equal(r0["bf16_params_" + prec][0], _model(torch.bfloat16)[0].weight.detach())
 
 
 @pytest.mark.parametrize("name,tol", [("ddp_sgd64", 1e-12), ("ddp_sgd32", None)])
@@ -498,6 +506,8 @@ def test_bad_arguments(kw, exc, match):
 
 
 def test_bad_inner_and_partial_fragments():
+    with pytest.raises(TypeError, match="floating-point"):
+        ok.DiLoCo(torch.optim.SGD([nn.Parameter(torch.zeros(2, dtype=torch.complex64))], lr=0.1))
     model = _model()
     with pytest.raises(TypeError, match="inner"):
         ok.DiLoCo(list(model.parameters()))

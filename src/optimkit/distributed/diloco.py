@@ -23,8 +23,8 @@ asynchronously while those steps run; at the sync step the outer step is
 applied and the worker's (meanwhile further trained) fragment is mixed with the
 new global one: ``theta_m <- (1 - alpha) theta_global + alpha theta_m``.
 
-``outer_grad_precision`` says what travels: ``"fp32"`` (the parameters' own
-dtype, all-reduced), ``"bf16"`` (bfloat16, all-gathered) or ``"q8"``
+``outer_grad_precision`` says what travels: ``"fp32"`` (float32, float64 for
+float64 parameters, all-reduced), ``"bf16"`` (bfloat16, all-gathered) or ``"q8"``
 (optimkit's block-wise 8-bit codec, :class:`optimkit.state.codecs.Q8`: codes
 and one float32 scale per 256 elements, all-gathered). Low-precision outer
 gradients are decoded on every worker and averaged there in rank order, so all
@@ -167,6 +167,10 @@ class DiLoCo:
         params = self._inner_params(inner)
         if not params:
             raise ValueError("inner has no parameters")
+        bad = [p for p in params if not p.is_floating_point()]
+        if bad:
+            raise TypeError(f"DiLoCo needs real floating-point parameters, got {bad[0].dtype} "
+                            f"(complex parameters: train their torch.view_as_real views)")
         self._fragments = self._split(params, fragments)
         if len(self._fragments) > self.sync_every:
             raise ValueError(f"Invalid fragments: {len(self._fragments)} fragments (must be <= sync_every = "
@@ -315,17 +319,18 @@ class DiLoCo:
         function that waits for it and gives the mean (in ``flat``'s dtype)."""
         dist, group, world = torch.distributed, self.process_group, self.world_size
         prec = self.outer_grad_precision
-        if prec == "fp32":
-            self.communicated_bytes += flat.numel() * flat.element_size()
+        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        if prec == "fp32":  # float32 (float64 for float64 parameters), summed by the backend
+            buf = flat.to(acc)
+            self.communicated_bytes += buf.numel() * buf.element_size()
             if world == 1:
-                return lambda: flat
-            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+                return lambda: buf.to(flat.dtype)
+            work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
             def finish_sum():
                 work.wait()
-                return flat.div_(world)
+                return buf.div_(world).to(flat.dtype)
             return finish_sum
-        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
         if prec == "bf16":
             payload = [flat.to(torch.bfloat16).view(torch.uint8)]  # the bytes: exact over any backend
 
