@@ -559,3 +559,67 @@ def test_four_ranks():
         for r, s in zip(res, sim):
             for p, q in zip(r[key][0], s):
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- parity with torchft (when installed)
+class _OneReplicaManager:
+    """The part of ``torchft.Manager`` that ``torchft.local_sgd.DiLoCo`` calls, for one
+    replica: an all-reduce (mean over one replica) leaves its tensor as it is, every
+    commit succeeds and counts a step."""
+    _use_async_quorum = False
+
+    def __init__(self):
+        self.step = 0
+
+    def allreduce(self, tensor, should_quantize=False):
+        class _Done:
+            def wait(self):
+                return True
+
+            def get_future(self):
+                fut = torch.futures.Future()
+                fut.set_result([tensor])
+                return fut
+        return _Done()
+
+    def should_commit(self):
+        self.step += 1
+        return True
+
+    def current_step(self):
+        return self.step
+
+    def start_quorum(self):
+        pass
+
+    def allow_state_dict_read(self):
+        pass
+
+    def disallow_state_dict_read(self):
+        pass
+
+    def register_state_dict_fn(self, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("delay,alpha", [(0, 0.0), (1, 0.5)])
+def test_torchft_parity_one_replica(delay, alpha):
+    """``torchft.local_sgd.DiLoCo`` (the parity target named in the project's notes),
+    two fragments, with a one-replica manager: the same parameters bit for bit. (Its
+    multi-replica path needs torchft's lighthouse; the 2-rank tests above check the
+    averaging against the equations.)"""
+    local_sgd = pytest.importorskip("torchft.local_sgd")
+    shard = _shard(0, 64)
+    ours_model = _model()
+    ours = ok.DiLoCo(_adamw(list(ours_model.parameters())), sync_every=6, overlap_steps=delay, alpha=alpha,
+                     fragments=[list(ours_model[0].parameters()), list(ours_model[2].parameters())])
+    _train(ours, ours_model, shard, 14, 16)
+
+    model = _model()
+    inner = _adamw(list(model.parameters()))
+    outers = [torch.optim.SGD(model[i].parameters(), lr=0.7, momentum=0.9, nesterov=True) for i in (0, 2)]
+    with local_sgd.DiLoCo(_OneReplicaManager(), [model[0], model[2]], inner, outers, sync_every=6,
+                          pin_memory=False, fragment_sync_delay=delay, fragment_update_alpha=alpha):
+        _train(inner, model, shard, 14, 16)
+    _equal(_params(ours_model), _params(model))
+    assert ours.syncs == [2, 2]
