@@ -246,7 +246,7 @@ class DiLoCo:
     # --------------------------------------------------------------- the torch.optim surface
     @property
     def param_groups(self):
-        """The inner optimizer's param groups (LR schedulers drive the inner lr)."""
+        """The inner optimizer's param groups (give LR schedulers ``opt.inner``)."""
         return self.inner.param_groups
 
     @property
@@ -256,7 +256,7 @@ class DiLoCo:
 
     @property
     def fragments(self) -> list[list[Tensor]]:
-        """The parameter fragments, in sync order of their offsets."""
+        """The parameter fragments; fragment ``p`` syncs at the steps :meth:`sync_steps` gives."""
         return [list(f) for f in self._fragments]
 
     @property
