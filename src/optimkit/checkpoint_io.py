@@ -216,6 +216,9 @@ class _Pool:
     def _key(size, stride, dtype, pinned) -> tuple:
         return tuple(size), tuple(stride), dtype, bool(pinned)
 
+    def _free_all(self) -> list[Tensor]:
+        return [b for free in self._free.values() for b in free]
+
     def take(self, size, stride, dtype, pinned) -> Tensor | None:
         free = self._free.get(self._key(size, stride, dtype, pinned))
         return free.pop() if free else None
@@ -241,8 +244,9 @@ def snapshot(obj: Any, *, pin_memory: bool | None = None, _pool: _Pool | None = 
     """A copy of ``obj`` whose tensors are host-memory copies taken now.
 
     Containers are copied (``OrderedDict`` attributes such as a module state
-    dict's ``_metadata`` too), plain values kept; a tensor that appears several
-    times is copied once (the copy appears at each place). Tensors on an
+    dict's ``_metadata`` too), plain values kept; a tensor (or the same view of
+    the same memory, as tied weights in a ``state_dict()``) that appears several
+    times is copied once, and the copy appears at each place. Tensors on an
     accelerator are copied into pinned host memory (``pin_memory=None``: when
     an accelerator is available) with non-blocking copies, and the streams are
     synchronized before returning, so in-place updates issued afterwards never
@@ -256,10 +260,15 @@ def snapshot(obj: Any, *, pin_memory: bool | None = None, _pool: _Pool | None = 
         pin_memory = torch.accelerator.is_available()
 
     def tensor(t: Tensor) -> Tensor:
-        got = memo.get(id(t))
+        src = t.detach()
+        key: Any = id(t)
+        if src.layout == torch.strided and src.device.type != "meta" and src.untyped_storage().data_ptr():
+            # the same view of the same memory (e.g. tied weights in a state_dict()) is copied once
+            key = (src.untyped_storage().data_ptr(), src.device, src.storage_offset(), tuple(src.size()),
+                   tuple(src.stride()), src.dtype)
+        got = memo.get(key)
         if got is not None:
             return got
-        src = t.detach()
         on_host = src.device.type == "cpu"
         if src.device.type == "meta":
             out = src.clone()
@@ -276,7 +285,7 @@ def snapshot(obj: Any, *, pin_memory: bool | None = None, _pool: _Pool | None = 
             out = src.to("cpu", copy=True)
         if not on_host and src.device.type != "meta":
             devices.add(src.device)
-        memo[id(t)] = out
+        memo[key] = out
         return out
 
     def walk(x: Any) -> Any:
@@ -439,7 +448,14 @@ class AsyncCheckpointer:
                                     "time": time.time()}]
         kept, dropped = entries[-self.keep:], entries[:-self.keep]
         manifest = json.dumps({"format": FORMAT, "checkpoints": kept}, indent=1).encode("utf-8")
-        _write_atomic(os.path.join(self.directory, MANIFEST), lambda w: w.write(manifest))
+        try:
+            _write_atomic(os.path.join(self.directory, MANIFEST), lambda w: w.write(manifest))
+        except BaseException:  # never published: the file goes
+            try:
+                os.unlink(os.path.join(self.directory, name))
+            except OSError:
+                pass
+            raise
         self._entries = kept  # published: only now may older files go
         for e in dropped:
             try:
