@@ -443,3 +443,20 @@ def test_cuda_snapshot_is_pinned_and_taken_at_save_time(tmp_path):
     _assert_same(snap, torch.load(io.BytesIO(want), map_location="cpu"))
     step, got = ckpt.load_latest(map_location="cuda")
     _assert_same(got, torch.load(io.BytesIO(want)))
+
+
+def test_public_name_and_a_reader_racing_the_pruner(tmp_path, monkeypatch):
+    assert ok.checkpoint is cio and ok.core.checkpoint is not cio  # the state-dict format module is another
+    with cio.AsyncCheckpointer(tmp_path) as ckpt:
+        ckpt.save(1, _state(1))
+    real, calls = cio.load_atomic, []
+
+    def pruned_once(*args, **kwargs):  # the file named by the manifest just read was pruned meanwhile
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise FileNotFoundError(args[0])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cio, "load_atomic", pruned_once)
+    step, obj = cio.AsyncCheckpointer(tmp_path).load_latest()
+    assert step == 1 and len(calls) == 2
+    _assert_same(obj, _state(1))

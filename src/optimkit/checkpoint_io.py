@@ -542,8 +542,16 @@ class AsyncCheckpointer:
 
     def load_latest(self, map_location=None) -> tuple[int, Any] | None:
         """``(step, object)`` of the most recently published checkpoint, or ``None``
-        when there is none. ``map_location`` as in ``torch.load``."""
-        info = self.latest()
-        if info is None:
-            return None
-        return info.step, self.load(info, map_location=map_location)
+        when there is none. ``map_location`` as in ``torch.load``. (A reader in
+        another process whose checkpoint is pruned between reading the manifest
+        and the file reads the manifest again.)"""
+        for attempt in range(3):
+            info = self.latest()
+            if info is None:
+                return None
+            try:
+                return info.step, self.load(info, map_location=map_location)
+            except FileNotFoundError:  # a reader in another process: pruned since the manifest was read
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
