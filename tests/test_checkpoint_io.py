@@ -314,15 +314,23 @@ def test_a_background_error_is_raised_by_the_next_call_and_publishes_nothing(tmp
 def test_leftovers_of_a_dead_writer_are_removed_on_the_first_write(tmp_path):
     with cio.AsyncCheckpointer(tmp_path) as ckpt:
         ckpt.save(1, _state(1))
-    stale = ["step-0000000002.pt.tmp-99-abc", "manifest.json.tmp-99-def", "step-0000000002.pt"]
-    for name in stale + ["notes.txt"]:
+    stale = ["step-0000000002.pt.tmp-99-0123456789ab", "manifest.json.tmp-99-abcdef012345", "step-0000000002.pt"]
+    for name in stale + ["notes.txt", "step-2.pt", "step-0000000002.pt.tmp-1-mine"]:
         (tmp_path / name).write_bytes(b"partial")
     reader = cio.AsyncCheckpointer(tmp_path)
     assert reader.latest().step == 1  # reading changes nothing
     assert all((tmp_path / n).exists() for n in stale)
     with cio.AsyncCheckpointer(tmp_path) as ckpt:
         ckpt.save(3, _state(3))
-    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "notes.txt", "step-0000000001.pt", "step-0000000003.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "notes.txt", "step-0000000001.pt",
+                                            "step-0000000002.pt.tmp-1-mine", "step-0000000003.pt", "step-2.pt"]
+    fresh = tmp_path / "no-manifest"  # without a manifest, nothing but our temporaries is removed
+    fresh.mkdir()
+    for name in ["step-0000000004.pt", "step-0000000004.pt.tmp-7-0123456789ab"]:
+        (fresh / name).write_bytes(b"x")
+    with cio.AsyncCheckpointer(fresh) as ckpt:
+        ckpt.save(5, _state(5))
+    assert sorted(os.listdir(fresh)) == ["manifest.json", "step-0000000004.pt", "step-0000000005.pt"]
 
 
 def test_a_tampered_checkpoint_is_detected(tmp_path):

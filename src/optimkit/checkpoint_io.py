@@ -52,15 +52,16 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["AsyncCheckpointer", "CheckpointError", "CheckpointInfo", "load_atomic", "save_atomic",
-           "snapshot"]
+__all__ = ["AsyncCheckpointer", "CheckpointError", "CheckpointInfo", "fsync_directory", "load_atomic",
+           "save_atomic", "snapshot"]
 
 #: the format name written in every manifest and checkpoint payload
 FORMAT = "optimkit-checkpoint/1"
 #: the manifest's file name inside a checkpoint directory
 MANIFEST = "manifest.json"
 _TMP = ".tmp-"  # marks a temporary file: "<final name>.tmp-<unique>"
-_CKPT_RE = re.compile(r"^step-(\d+)(?:-(\d+))?\.pt$")
+_CKPT_RE = re.compile(r"^step-\d{10,}(?:-\d+)?\.pt$")
+_TMP_RE = re.compile(r"^(?:manifest\.json|step-\d{10,}(?:-\d+)?\.pt)\.tmp-\d+-[0-9a-f]{12}$")
 _PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
                  torch.layout, torch.memory_format)
 
@@ -113,7 +114,7 @@ class _HashingWriter:
         self._f.flush()
 
 
-def _write_atomic(path: str, fill: Callable[[_HashingWriter], None]) -> tuple[str, int]:
+def _write_atomic(path: str, fill: Callable[[Any], object]) -> tuple[str, int]:
     """Write ``path`` atomically with ``fill(writer)``; returns (sha256 hex, bytes)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -183,7 +184,7 @@ def save_atomic(path: str | os.PathLike, obj: Any) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     _check_plain(obj)
-    sha, _ = _write_atomic(os.fspath(path), lambda w: torch.save(obj, w))
+    sha, _ = _write_atomic(os.fspath(path), lambda w: torch.save(obj, w))  # w: a write-only file
     return sha
 
 
@@ -270,6 +271,7 @@ def snapshot(obj: Any, *, pin_memory: bool | None = None, _pool: _Pool | None = 
         if got is not None:
             return got
         on_host = src.device.type == "cpu"
+        out: Tensor | None
         if src.device.type == "meta":
             out = src.clone()
         elif _dense(src):
@@ -466,13 +468,13 @@ class AsyncCheckpointer:
             fsync_directory(self.directory)
 
     def _clean(self) -> None:
-        """Remove what a writer that died left behind: temporary files, and
-        checkpoint files the manifest does not name (written, never published)."""
-        listed = {e["file"] for e in self._entries}
+        """Remove what a writer that died left behind: its temporary files, and
+        (when there is a manifest) checkpoint files it does not name (written,
+        never published). Files of other names are never touched."""
+        entries = self._entries or []
+        listed = {e["file"] for e in entries}
         for name in os.listdir(self.directory):
-            base = name.split(_TMP, 1)[0]
-            if (_TMP in name and (base == MANIFEST or _CKPT_RE.match(base))) \
-                    or (_CKPT_RE.match(name) and name not in listed):
+            if _TMP_RE.match(name) or (entries and _CKPT_RE.match(name) and name not in listed):
                 try:
                     os.unlink(os.path.join(self.directory, name))
                 except FileNotFoundError:
@@ -504,15 +506,18 @@ class AsyncCheckpointer:
     def __enter__(self) -> "AsyncCheckpointer":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
             self.close()
         else:  # the body's error wins; a write error is attached to it
             try:
                 self.close()
             except CheckpointError as e:
-                exc.add_note(f"(also: {e})")
-        return False
+                note = f"(also: {e})"
+                if hasattr(exc, "add_note"):
+                    exc.add_note(note)
+                else:  # Python 3.10: the same attribute, not printed by the traceback
+                    exc.__notes__ = [*getattr(exc, "__notes__", []), note]
 
     # ------------------------------------------------------------------ reading
     def _raise_pending(self) -> None:
