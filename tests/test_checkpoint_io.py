@@ -468,3 +468,27 @@ def test_public_name_and_a_reader_racing_the_pruner(tmp_path, monkeypatch):
     step, obj = cio.AsyncCheckpointer(tmp_path).load_latest()
     assert step == 1 and len(calls) == 2
     _assert_same(obj, _state(1))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "q8"])
+def test_steps_racing_the_background_write_do_not_reach_it(precision, tmp_path):
+    """No gate: the loop steps 20 times right after save() while the write runs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    opt = ok.AdamW(model.parameters(), lr=1e-2, state_precision=precision, min_quant_size=1)
+    x = torch.randn(32, 64)
+
+    def step():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    with cio.AsyncCheckpointer(tmp_path) as ckpt:
+        for s in range(1, 4):
+            step()
+            obj = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+            want = _bytes(obj)
+            ckpt.save(s, obj)
+            for _ in range(20):
+                step()
+            ckpt.wait()
+            _assert_same(ckpt.load_latest()[1], torch.load(io.BytesIO(want)))
