@@ -198,6 +198,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     ({"f": lambda: 0}, r"obj\['f'\] is a builtins.function"),
     ({"a": [1, object()]}, r"obj\['a'\]\[1\] is a builtins.object"),
     ({"d": collections.defaultdict(int)}, "defaultdict"),
+    ({"m": {torch.ones(1): 1}}, r"a key of obj\['m'\] is a tensor"),
+    ({"p": [int]}, r"obj\['p'\]\[0\] is a builtins.type"),
 ])
 def test_non_plain_values_are_refused_naming_where(bad, words, tmp_path):
     with pytest.raises(TypeError, match=words):

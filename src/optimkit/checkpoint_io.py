@@ -148,6 +148,8 @@ def _check_plain(obj: Any, where: str = "obj") -> None:
     if isinstance(obj, (dict, list, tuple, set, frozenset)) and type(obj) in _CONTAINERS:
         if isinstance(obj, dict):
             for k, v in obj.items():
+                if isinstance(k, Tensor):
+                    raise TypeError(f"a key of {where} is a tensor; use plain keys (str, int, ...)")
                 _check_plain(k, f"a key of {where}")
                 _check_plain(v, f"{where}[{k!r}]")
             if type(obj) is collections.OrderedDict:
