@@ -39,7 +39,9 @@ def test_latest_checkpoint_survives_sigkill_at_random_moments(tmp_path):
     rng = random.Random(20261203)
     chains = [tmp_path / f"run{c}" for c in range(CHAINS)]
     log = open(tmp_path / "server.log", "w")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    src = os.path.dirname(os.path.dirname(cio.__file__))  # the server imports the optimkit this test imported
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     server = subprocess.Popen([sys.executable, worker.__file__, "serve"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     claims, hits, last, advanced = [], [], {}, 0
