@@ -1,7 +1,8 @@
 """Training loop for tests/test_checkpoint_crash.py, and the fork server that runs it.
 
 ``python checkpoint_crash_worker.py serve`` imports torch and optimkit once, then
-reads one JSON request per line from stdin, ``{"dir": ..., "delay": seconds}``:
+reads one JSON request per line from stdin, ``{"dir": ..., "delay": seconds}``
+(``"broken": true`` runs the deliberately broken :class:`PublishesFirst` writer):
 it forks a child that resumes training from the latest checkpoint in ``dir``
 (or starts from scratch) and saves asynchronously after every step, sleeps
 ``delay`` seconds, SIGKILLs the child, reaps it and answers one JSON line
@@ -16,6 +17,7 @@ checkpoint claims to hold (:func:`reference_states`).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -90,11 +92,36 @@ def reference_states(steps):
     return out
 
 
-def child(directory: str) -> None:
+class PublishesFirst(cio.AsyncCheckpointer):
+    """The crash test's control, deliberately broken: it names a checkpoint in the
+    manifest before writing the file, and writes the file in place (fsync'd chunk
+    by chunk, so that kills land in the write). The test must catch it."""
+
+    def _write(self, step: int, payload: dict) -> None:
+        if self._entries is None:
+            self._entries = cio._read_manifest(self.directory)
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        data = buf.getvalue()
+        name = f"step-{step:010d}.pt"
+        entry = {"step": step, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                 "time": time.time()}
+        kept = (self._entries + [entry])[-self.keep:]
+        manifest = json.dumps({"format": cio.FORMAT, "checkpoints": kept}).encode()
+        cio._write_atomic(os.path.join(self.directory, cio.MANIFEST), lambda w: w.write(manifest))
+        with open(os.path.join(self.directory, name), "wb") as f:
+            for i in range(0, len(data), 1 << 20):
+                f.write(data[i:i + (1 << 20)])
+                f.flush()
+                os.fsync(f.fileno())
+        self._entries = kept
+
+
+def child(directory: str, broken: bool = False) -> None:
     """Resume from the latest checkpoint (if any) and train forever, saving after every step."""
     torch.set_num_threads(1)
     model, opt = build()
-    ckpt = cio.AsyncCheckpointer(directory, keep=2)
+    ckpt = (PublishesFirst if broken else cio.AsyncCheckpointer)(directory, keep=2)
     found = ckpt.load_latest()
     step = 0
     if found is not None:
@@ -118,7 +145,7 @@ def serve() -> None:
         if pid == 0:
             code = 0
             try:
-                child(req["dir"])
+                child(req["dir"], req.get("broken", False))
             except BaseException:  # noqa: BLE001  (reported through the exit status)
                 import traceback
 

@@ -4,6 +4,8 @@ middle of a write); after each kill the latest published checkpoint loads
 (its SHA-256 matches the manifest) and holds exactly the state an uninterrupted
 run has at the step it claims. Each trial resumes from the previous trial's
 checkpoint in the same directory, so resumption after a crash is tested too.
+A control runs the same kills on a deliberately broken writer (manifest
+published before the file is written) and must see the check fail.
 (SIGKILL loses the process, not the page cache: what fsync adds against power
 loss is not exercised here.)"""
 from __future__ import annotations
@@ -20,6 +22,7 @@ from optimkit import checkpoint_io as cio
 import checkpoint_crash_worker as worker
 
 TRIALS, CHAINS = 24, 4
+CONTROLS = 6  # trials of a deliberately broken writer (manifest before file): the check must fail them
 
 
 def _in_flight(directory: str, listed: set) -> str | None:
@@ -45,15 +48,28 @@ def test_latest_checkpoint_survives_sigkill_at_random_moments(tmp_path):
     server = subprocess.Popen([sys.executable, worker.__file__, "serve"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     claims, hits, last, advanced = [], [], {}, 0
+
+    def trial(request: dict) -> None:
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        reply = json.loads(server.stdout.readline() or "null")
+        assert reply == {"killed": True}, (reply, (tmp_path / "server.log").read_text())
+
+    caught = []
     try:
+        for i in range(CONTROLS):  # the control: the same kills must expose a broken writer
+            directory = str(tmp_path / f"broken{i}")
+            trial({"dir": directory, "delay": rng.uniform(0.4, 1.0), "broken": True})
+            try:
+                cio.AsyncCheckpointer(directory).load_latest()
+            except (cio.CheckpointError, FileNotFoundError) as e:
+                caught.append(type(e).__name__)
+        assert caught, f"none of {CONTROLS} kills of a writer that publishes before writing was detected"
         for i in range(TRIALS):
             directory = str(chains[i % CHAINS])
             # a chain's first trial runs long enough to publish something to resume from
             delay = 1.0 if i < CHAINS else rng.uniform(0.1, 0.8)
-            server.stdin.write(json.dumps({"dir": directory, "delay": delay}) + "\n")
-            server.stdin.flush()
-            reply = json.loads(server.stdout.readline() or "null")
-            assert reply == {"killed": True}, (reply, (tmp_path / "server.log").read_text())
+            trial({"dir": directory, "delay": delay})
             if not os.path.isdir(directory):
                 continue
             reader = cio.AsyncCheckpointer(directory)
@@ -79,4 +95,5 @@ def test_latest_checkpoint_survives_sigkill_at_random_moments(tmp_path):
     bad = [(i, s) for i, s, d in claims if d != want[s]]
     assert not bad, f"checkpoints whose contents differ from the uninterrupted run at their step: {bad}"
     print(f"{TRIALS} kills: {len(during)} during a write ({sorted(set(during))}); "
-          f"{advanced} resumed and advanced; steps reached per run: {sorted(last.values())}")
+          f"{advanced} resumed and advanced; steps reached per run: {sorted(last.values())}; "
+          f"control: {len(caught)} of {CONTROLS} broken-writer kills detected")
