@@ -29,7 +29,7 @@ from optimkit import checkpoint_io as cio
 
 def _sync(device: torch.device) -> None:
     if device.type != "cpu":
-        torch.accelerator.synchronize(device)
+        cio._sync_stream(device)
 
 
 def main(argv=None) -> int:

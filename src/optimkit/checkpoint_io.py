@@ -207,6 +207,20 @@ def load_atomic(path: str | os.PathLike, map_location=None, sha256: str | None =
 
 
 # --------------------------------------------------------------------------- snapshots
+def _accelerator_available() -> bool:
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return acc.is_available() if acc is not None else torch.cuda.is_available()
+
+
+def _sync_stream(device: torch.device) -> None:
+    """Wait for the work queued so far on ``device``'s current stream."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None:
+        acc.current_stream(device).synchronize()
+    else:  # torch < 2.6
+        getattr(torch, device.type).current_stream(device).synchronize()
+
+
 class _Pool:
     """Host buffers of a finished snapshot, handed out again by layout."""
 
@@ -260,7 +274,7 @@ def snapshot(obj: Any, *, pin_memory: bool | None = None, _pool: _Pool | None = 
     memo: dict[int, Tensor] = {}
     devices: set = set()
     if pin_memory is None:
-        pin_memory = torch.accelerator.is_available()
+        pin_memory = _accelerator_available()
 
     def tensor(t: Tensor) -> Tensor:
         src = t.detach()
@@ -309,7 +323,7 @@ def snapshot(obj: Any, *, pin_memory: bool | None = None, _pool: _Pool | None = 
 
     out = walk(obj)
     for device in devices:  # the non-blocking copies were queued on each device's current stream
-        torch.accelerator.current_stream(device).synchronize()
+        _sync_stream(device)
     return out
 
 
