@@ -30,3 +30,6 @@ __all__ = sorted(["APOLLO", "APOLLOMini", "curvature", "FRUGAL", "GaLore", "Opti
 # distributed training (docs/distributed.md)
 from .distributed import DiLoCo  # noqa: E402
 __all__ = sorted(__all__ + ["DiLoCo"])
+# asynchronous, atomic checkpoints (docs/checkpointing.md); optimkit.core.checkpoint is the state-dict format
+from . import checkpoint_io as checkpoint  # noqa: E402
+__all__ = sorted(__all__ + ["checkpoint"])
