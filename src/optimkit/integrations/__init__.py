@@ -1,0 +1,1 @@
+"""Integrations of optimkit optimizers with training frameworks (importing optimkit imports none of them)."""

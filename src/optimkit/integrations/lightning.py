@@ -1,0 +1,92 @@
+"""PyTorch Lightning helpers for optimkit optimizers.
+
+optimkit optimizers are ``torch.optim.Optimizer``\\ s: ``configure_optimizers``
+returns them (and their schedulers) as it would return ``torch.optim`` ones,
+and Lightning checkpoints (``ckpt_path=``, ``weights_only=True`` included)
+restore their state bit for bit. The one thing Lightning cannot know about is
+the train/eval switch of schedule-free optimizers; :class:`ScheduleFreeCallback`
+makes it (see docs/integrations_lightning.md).
+
+Importing :mod:`optimkit` never imports Lightning; importing this module does
+(``lightning.pytorch``, or the older ``pytorch_lightning`` package).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover - the older package name
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+    except ImportError as err:
+        raise ImportError("optimkit.integrations.lightning needs PyTorch Lightning: "
+                          "pip install lightning") from err
+
+__all__ = ["ScheduleFreeCallback", "schedule_free_optimizers"]
+
+
+def schedule_free_optimizers(optimizers) -> list[Any]:
+    """The optimizers of ``optimizers`` (e.g. ``trainer.optimizers``) that have a
+    train/eval switch: a callable ``train()`` and ``eval()`` (optimkit's
+    schedule-free optimizers and :class:`optimkit.ScheduleFreeWrapper`, the
+    ``schedulefree`` package's optimizers, and wrappers that forward them, such as
+    Lightning's ``LightningOptimizer``)."""
+    return [opt for opt in optimizers
+            if callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None))]
+
+
+class ScheduleFreeCallback(pl.Callback):
+    """Switch schedule-free optimizers between their training iterate ``y`` and
+    their evaluation point ``x`` around Lightning's loops.
+
+    * before every training batch: ``opt.train()`` (parameters hold ``y``, the point
+      the gradients are taken at);
+    * at the start of validation, testing and prediction: ``opt.eval()``
+      (parameters hold ``x``, the averaged weights meant for evaluation); they stay
+      there until the next training batch, so a checkpoint written after
+      validation (``ModelCheckpoint`` with a ``monitor``) holds ``x`` as its
+      weights;
+    * at the end of ``fit`` (with ``eval_at_end=True``, the default): ``opt.eval()``,
+      so that the trained module, and a checkpoint saved afterwards, hold ``x``.
+
+    Either way a checkpoint resumes bit for bit: an optimkit schedule-free
+    optimizer in eval mode keeps ``y`` in its state (``sf_y``) and restores it
+    exactly at the next ``train()``. Optimizers without ``train``/``eval`` are left
+    alone, so the callback can stay in a Trainer whatever ``configure_optimizers``
+    returns.
+
+    Args:
+        eval_at_end: put the optimizers in eval mode when ``fit`` ends.
+    """
+
+    def __init__(self, eval_at_end: bool = True):
+        if not isinstance(eval_at_end, bool):
+            raise TypeError(f"eval_at_end must be a bool, got {type(eval_at_end).__name__}")
+        self.eval_at_end = eval_at_end
+
+    @staticmethod
+    def _switch(trainer: "pl.Trainer", mode: str) -> None:
+        for opt in schedule_free_optimizers(trainer.optimizers):
+            getattr(opt, mode)()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Training iterate ``y`` in the parameters before the batch's forward pass."""
+        self._switch(trainer, "train")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        """Evaluation point ``x`` in the parameters for validation (and the sanity check)."""
+        self._switch(trainer, "eval")
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        """Evaluation point ``x`` in the parameters for testing."""
+        self._switch(trainer, "eval")
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        """Evaluation point ``x`` in the parameters for prediction."""
+        self._switch(trainer, "eval")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Evaluation point ``x`` in the parameters once ``fit`` is done (``eval_at_end``)."""
+        if self.eval_at_end:
+            self._switch(trainer, "eval")
