@@ -20,7 +20,8 @@ import optimkit as ok
 from helpers import digits_split
 
 pl = pytest.importorskip("lightning.pytorch")
-from optimkit.integrations.lightning import ScheduleFreeCallback  # noqa: E402
+from optimkit.integrations.lightning import (ScheduleFreeCallback, StatePlacementCallback,  # noqa: E402
+                                             restore_state_placement)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers", "ignore:.*isinstance\\(treespec, LeafSpec\\)",
@@ -339,3 +340,89 @@ def test_importing_optimkit_imports_no_framework():
             "assert not bad, bad")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+class HookedScheduleFree(DigitsModule):
+    """The switch written in the module's hooks, through ``self.optimizers()``
+    (a LightningOptimizer), instead of the callback."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.optimizers().train()
+
+    def on_validation_start(self):
+        self.optimizers().eval()
+
+    def on_train_end(self):
+        self.optimizers().eval()
+
+
+def test_schedule_free_switch_in_module_hooks():
+    def make_opt(net):
+        return ok.ScheduleFreeAdamW(net.parameters(), lr=5e-3, warmup_steps=2)
+
+    module = HookedScheduleFree(make_opt, scheduled=False)
+    trainer(max_steps=2 * BATCHES_PER_EPOCH).fit(module, train_loader(), val_loader())
+    net, _, val_losses = schedule_free_reference(make_opt, 2 * BATCHES_PER_EPOCH)
+    assert module.val_losses == val_losses
+    assert_same_weights(module.net, net)
+
+
+def test_disk_placed_state_resumes_and_stays_on_disk(tmp_path):
+    """``state_placement="disk"``: a resumed run is bit-exact and its state is still
+    memory-mapped after Lightning moved the loaded state to the (CPU) device."""
+    dirs = iter([tmp_path / "full", tmp_path / "resumed"])
+
+    def make_opt(net):
+        state_dir = next(dirs)
+        state_dir.mkdir()
+        return ok.AdamW(net.parameters(), lr=1e-2, state_placement="disk", state_dir=str(state_dir))
+
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{step}",
+                                         every_n_train_steps=BATCHES_PER_EPOCH, save_top_k=-1)
+    full = DigitsModule(make_opt)
+    trainer(enable_checkpointing=True, callbacks=[saver]).fit(full, train_loader())
+    resumed = DigitsModule(make_opt, seed=1)
+    again = trainer(callbacks=[StatePlacementCallback()])
+    again.fit(resumed, train_loader(), ckpt_path=tmp_path / f"step={BATCHES_PER_EPOCH}.ckpt")
+    assert_same_weights(resumed.net, full.net)
+    assert_same_state(again.optimizers[0], full.trainer.optimizers[0])
+    opt = again.optimizers[0]
+    moments = [v for st in opt.state.values() for k, v in st.items() if k != "step"]
+    assert len(moments) == 8 and all(opt._placement.on_disk(v) for v in moments)
+
+
+def test_restore_state_placement_after_a_framework_moved_the_state(tmp_path):
+    """What Lightning's post-load move does on an accelerator, simulated on the CPU: each
+    disk-placed state tensor replaced by a plain copy. restore_state_placement (what
+    StatePlacementCallback calls) maps them to files again, values kept, and training
+    continues exactly as with state that never moved."""
+    x, y, _, _ = digits_split()
+    nets = [make_net(0), make_net(0)]
+    opts = []
+    for i, net in enumerate(nets):
+        (tmp_path / str(i)).mkdir()
+        opts.append(ok.AdamW(net.parameters(), lr=1e-2, state_placement="disk", state_dir=str(tmp_path / str(i))))
+
+    def step(net, opt):
+        opt.zero_grad()
+        F.cross_entropy(net(x[:64]), y[:64]).backward()
+        opt.step()
+
+    for net, opt in zip(nets, opts):
+        step(net, opt)
+    moved = opts[1]
+    for st in moved.state.values():
+        for key in [k for k in st if k != "step"]:
+            st[key] = st[key].clone()                       # no longer memory-mapped
+    # (a copy may get the id of the mapped tensor it replaced: on_disk also checks the storage)
+    assert not any(moved._placement.on_disk(v) for st in moved.state.values() for k, v in st.items()
+                   if k != "step")
+    assert restore_state_placement(moved) == 4
+    assert all(moved._placement.on_disk(v) for st in moved.state.values() for k, v in st.items()
+               if k != "step")
+    assert restore_state_placement(torch.optim.SGD(nets[0].parameters(), lr=0.1)) == 0
+    for _ in range(2):
+        for net, opt in zip(nets, opts):
+            step(net, opt)
+    assert_same_weights(nets[1], nets[0])
+    assert_same_state(opts[1], opts[0])

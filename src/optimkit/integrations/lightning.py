@@ -5,7 +5,10 @@ returns them (and their schedulers) as it would return ``torch.optim`` ones,
 and Lightning checkpoints (``ckpt_path=``, ``weights_only=True`` included)
 restore their state bit for bit. The one thing Lightning cannot know about is
 the train/eval switch of schedule-free optimizers; :class:`ScheduleFreeCallback`
-makes it (see docs/integrations_lightning.md).
+makes it. After loading a checkpoint Lightning moves all optimizer state to the
+module's device, which undoes ``state_placement="cpu"``/``"disk"`` on an
+accelerator; :class:`StatePlacementCallback` puts the state back where its
+group says (see docs/integrations_lightning.md).
 
 Importing :mod:`optimkit` never imports Lightning; importing this module does
 (``lightning.pytorch``, or the older ``pytorch_lightning`` package).
@@ -23,7 +26,8 @@ except ImportError:  # pragma: no cover - the older package name
         raise ImportError("optimkit.integrations.lightning needs PyTorch Lightning: "
                           "pip install lightning") from err
 
-__all__ = ["ScheduleFreeCallback", "schedule_free_optimizers"]
+__all__ = ["ScheduleFreeCallback", "StatePlacementCallback", "restore_state_placement",
+           "schedule_free_optimizers"]
 
 
 def schedule_free_optimizers(optimizers) -> list[Any]:
@@ -90,3 +94,42 @@ class ScheduleFreeCallback(pl.Callback):
         """Evaluation point ``x`` in the parameters once ``fit`` is done (``eval_at_end``)."""
         if self.eval_at_end:
             self._switch(trainer, "eval")
+
+
+def restore_state_placement(optimizer) -> int:
+    """Put every parameter's state of an optimkit optimizer back where its group's
+    ``state_placement`` says (host memory, memory-mapped files), e.g. after a framework
+    moved it to the device; values are kept. Other optimizers (and groups placed on
+    the device) are left alone. Returns how many parameter states were looked at."""
+    from ..core.optimizer import Optimizer
+
+    inner = getattr(optimizer, "_optimizer", optimizer)   # a LightningOptimizer's optimizer
+    if not isinstance(inner, Optimizer):
+        return 0
+    seen = 0
+    for group in inner.param_groups:
+        where = group.get("state_placement", "device")
+        for p in group["params"]:
+            state = inner.state.get(p)
+            if state and where != "device":
+                inner._placement.place(state, where)
+                seen += 1
+    inner._fast_cache.clear()   # fast paths may cache pointers into the replaced tensors
+    return seen
+
+
+class StatePlacementCallback(pl.Callback):
+    """Re-place optimkit optimizer state after Lightning restored a checkpoint.
+
+    Lightning moves every optimizer state tensor to the module's device after
+    ``optimizer.load_state_dict`` (``ckpt_path=``). For groups with
+    ``state_placement="cpu"`` or ``"disk"`` on an accelerator that puts the state
+    the placement keeps off the device onto it (results stay right, the memory
+    saving is lost). At the start of training this callback moves it back with
+    :func:`restore_state_placement`. On the CPU nothing is moved in the first place.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Runs after the checkpoint's optimizer state was loaded and moved."""
+        for opt in trainer.optimizers:
+            restore_state_placement(opt)
