@@ -234,3 +234,31 @@ def test_gradient_accumulation_equals_the_summed_batch():
     assert_same_weights(model, micro)
     for p, q in zip(model.parameters(), whole.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_free_wrapper_is_prepared_like_an_optimizer():
+    """ok.ScheduleFreeWrapper is a torch.optim.Optimizer: prepare() wraps it (so
+    accumulate() can hold its steps back) and eval()/train() pass through; the
+    weights equal the same wrapper stepped by hand, at y and at x."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net, twin = make_net(0), make_net(0)
+    opt = ok.ScheduleFreeWrapper(torch.optim.RMSprop(net.parameters(), lr=2.5e-3))
+    ref = ok.ScheduleFreeWrapper(torch.optim.RMSprop(twin.parameters(), lr=2.5e-3))
+    model, aopt, dl = accelerator.prepare(net, opt, loader(BATCH // 2))
+    assert isinstance(aopt, AcceleratedOptimizer) and aopt.optimizer is opt
+    for x, y in dl:
+        with accelerator.accumulate(model):
+            accelerator.backward(F.cross_entropy(model(x), y))
+            aopt.step()
+            aopt.zero_grad()
+    for x, y in loader():
+        ref.zero_grad()
+        for xs, ys in zip(x.split(BATCH // 2), y.split(BATCH // 2)):
+            (F.cross_entropy(twin(xs), ys) / 2).backward()
+        ref.step()
+    assert [g["k"] for g in opt._groups] == [N_TRAIN // BATCH]        # one step per 2 micro-batches
+    assert_same_weights(model, twin)
+    aopt.eval()
+    ref.eval()
+    assert not opt.train_mode
+    assert_same_weights(model, twin)

@@ -426,3 +426,28 @@ def test_restore_state_placement_after_a_framework_moved_the_state(tmp_path):
             step(net, opt)
     assert_same_weights(nets[1], nets[0])
     assert_same_state(opts[1], opts[0])
+
+
+def test_schedule_free_wrapper_trains_checkpoints_and_resumes(tmp_path):
+    """ok.ScheduleFreeWrapper around torch.optim.RMSprop (a torch.optim.Optimizer, so
+    configure_optimizers accepts it): with ScheduleFreeCallback it equals the hand loop,
+    and its state dict (base + schedule-free part) resumes bit-exactly from an
+    eval-mode checkpoint read with weights_only=True."""
+    def make_opt(net):
+        return ok.ScheduleFreeWrapper(torch.optim.RMSprop(net.parameters(), lr=2.5e-3), momentum=0.9)
+
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{step}", monitor="val_loss",
+                                         save_top_k=-1, save_on_train_epoch_end=False)
+    full = DigitsModule(make_opt, scheduled=False)
+    trainer(enable_checkpointing=True, callbacks=[ScheduleFreeCallback(), saver]).fit(
+        full, train_loader(), val_loader())
+    net, opt, val_losses = schedule_free_reference(make_opt, STEPS)
+    assert full.val_losses == val_losses
+    assert_same_weights(full.net, net)
+    path = tmp_path / f"step={BATCHES_PER_EPOCH}.ckpt"
+    assert torch.load(path, weights_only=True)["optimizer_states"][0]["schedulefree"]["train_mode"] is False
+    resumed = DigitsModule(make_opt, scheduled=False, seed=1)
+    again = trainer(callbacks=[ScheduleFreeCallback()])
+    again.fit(resumed, train_loader(), val_loader(), ckpt_path=path, weights_only=True)
+    assert_same_weights(resumed.net, full.net)
+    assert resumed.val_losses == val_losses[1:]
