@@ -73,8 +73,9 @@ class ScheduleFreeWrapper(torch.optim.Optimizer):
         self._patch_step_function()
 
     def __getstate__(self) -> dict:
-        """All attributes (torch.optim's would keep only defaults, state and groups)."""
-        return dict(self.__dict__)
+        """All attributes (torch.optim's would keep only defaults, state and groups), but
+        not an instance ``step`` (an LR scheduler's wrapper that calls the original)."""
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
