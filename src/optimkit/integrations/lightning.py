@@ -1,6 +1,6 @@
 """PyTorch Lightning helpers for optimkit optimizers.
 
-optimkit optimizers are ``torch.optim.Optimizer``\\ s: ``configure_optimizers``
+optimkit optimizers are ``torch.optim.Optimizer`` objects: ``configure_optimizers``
 returns them (and their schedulers) as it would return ``torch.optim`` ones,
 and Lightning checkpoints (``ckpt_path=``, ``weights_only=True`` included)
 restore their state bit for bit. The one thing Lightning cannot know about is
