@@ -419,7 +419,10 @@ def test_restore_state_placement_after_a_framework_moved_the_state(tmp_path):
     # (a copy may get the id of the mapped tensor it replaced: on_disk also checks the storage)
     assert not any(moved._placement.on_disk(v) for st in moved.state.values() for k, v in st.items()
                    if k != "step")
+    total = ok.state_bytes(moved)
+    assert ok.state_bytes(moved, by_placement=True) == {"cpu": total}   # the report agrees
     assert restore_state_placement(moved) == 4
+    assert ok.state_bytes(moved, by_placement=True) == {"disk": total}
     assert all(moved._placement.on_disk(v) for st in moved.state.values() for k, v in st.items()
                if k != "step")
     assert restore_state_placement(torch.optim.SGD(nets[0].parameters(), lr=0.1)) == 0
