@@ -25,7 +25,12 @@ from optimkit.integrations.lightning import (ScheduleFreeCallback, StatePlacemen
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers", "ignore:.*isinstance\\(treespec, LeafSpec\\)",
-    "ignore:.*GPU available but not used", "ignore:.*exists and is not empty")
+    "ignore:.*GPU available but not used", "ignore:.*exists and is not empty",
+    # Lightning's notes on the setups used here on purpose (no validation loop in most runs;
+    # the saving callback absent from the resuming Trainer; post-step manual checkpoints)
+    "ignore:You defined a `validation_step` but have no `val_dataloader`",
+    "ignore:Be aware that when using `ckpt_path`",
+    "ignore:Using ModelCheckpoint with manual optimization")
 
 N_TRAIN, BATCH = 256, 64          # 4 batches per epoch
 BATCHES_PER_EPOCH = N_TRAIN // BATCH
