@@ -40,7 +40,12 @@ class OptimizerSignatures(griffe.Extension):
             except KeyError:
                 continue
             params = [griffe.Parameter("self", kind=griffe.ParameterKind.positional_or_keyword)]
-            for p in inspect.signature(cls).parameters.values():
+            sig = list(inspect.signature(cls).parameters.values())
+            # keywords the facade's __init__ names itself (state_dir, ...), not in __signature__
+            names = {p.name for p in sig}
+            sig += [p for p in inspect.signature(cls.__init__).parameters.values()
+                    if p.kind is p.KEYWORD_ONLY and p.name not in names]
+            for p in sig:
                 default = None if p.default is inspect.Parameter.empty else repr(p.default)
                 params.append(griffe.Parameter(p.name, kind=_KINDS[p.kind], default=default))
             init = griffe.Function("__init__", parent=obj, parameters=griffe.Parameters(*params),
