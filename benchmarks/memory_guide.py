@@ -9,8 +9,9 @@ downloaded), then reports
   tensors actually held (codes, scales, projector matrices, step counters), split
   by where they live (device/host memory or memory-mapped files), and per
   parameter;
-* the held-out cross-entropy and error after training, median over seeds, and
-  the loss difference to the fp32 run of the same seed (median over seeds).
+* the held-out cross-entropy and error after training, mean over seeds, with
+  each seed's loss, and the mean over seeds of the loss difference to the fp32
+  run of the same seed (the same as the difference of the means).
 
 Every setting uses the same hyperparameters (AdamW lr 1e-3, betas (0.9, 0.999),
 weight decay 0.01, batch 64), the same initial weights and the same batch order
@@ -148,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             setting=row["setting"], n_params=first["n_params"], state_bytes=first["state_bytes"],
             by_placement=first["by_placement"], bytes_per_param=first["state_bytes"] / first["n_params"],
             ratio_to_fp32=first["state_bytes"] / base_bytes,
-            val_loss=statistics.median(r["val_loss"] for r in runs),
-            val_error=statistics.median(r["val_error"] for r in runs),
-            delta_loss=statistics.median(r["val_loss"] - base[s] for s, r in zip(args.seeds, runs)),
+            val_loss=statistics.mean(r["val_loss"] for r in runs),
+            val_error=statistics.mean(r["val_error"] for r in runs),
+            delta_loss=statistics.mean(r["val_loss"] - base[s] for s, r in zip(args.seeds, runs)),
             val_losses=[r["val_loss"] for r in runs], report=first["report"]))
     meta = dict(model="MLP " + "-".join(map(str, WIDTHS)), task="sklearn digits (1200 train / 597 held out)",
                 optimizer=f"AdamW {HP}", batch=BATCH, steps=args.steps, seeds=args.seeds,
@@ -160,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{meta['model']} ({out[0]['n_params']:,} parameters), {meta['task']}; AdamW lr 1e-3, "
           f"wd 0.01, batch {BATCH}, {args.steps} steps; seeds {args.seeds}; torch {torch.__version__}\n")
-    print("| setting | state bytes | where | B/param | x fp32 | held-out loss | loss - fp32 | held-out error |")
+    print("| setting | state bytes | where | B/param | x fp32 | held-out loss, mean (per seed) | loss - fp32 "
+          "| held-out error |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in out:
         where = ", ".join(f"{k} {v:,}" for k, v in sorted(r["by_placement"].items()))
         print(f"| `{r['setting']}` | {r['state_bytes']:,} | {where} | {r['bytes_per_param']:.3f} | "
-              f"{r['ratio_to_fp32']:.3f} | {r['val_loss']:.4f} | {r['delta_loss']:+.4f} | "
+              f"{r['ratio_to_fp32']:.3f} | {r['val_loss']:.4f} ({', '.join(f'{v:.4f}' for v in r['val_losses'])}) | "
+              f"{r['delta_loss']:+.4f} | "
               f"{100 * r['val_error']:.2f}% |")
     print("\nok.memory_report of the q8 run (seed", args.seeds[0], "):\n")
     print("```\n" + next(r["report"] for r in out if r["setting"] == 'state_precision="q8"') + "\n```")
