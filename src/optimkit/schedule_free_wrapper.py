@@ -75,9 +75,11 @@ class ScheduleFreeWrapper:
         return self.base.state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base optimizer's ``zero_grad``."""
         self.base.zero_grad(set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the base optimizer and start its schedule-free state."""
         self.base.add_param_group(param_group)
         self._groups.append(self._fresh())
 
@@ -118,6 +120,9 @@ class ScheduleFreeWrapper:
         b.copy_(tmp)
 
     def step(self, closure=None):
+        """One schedule-free step (module docstring): the base optimizer moves ``z``, then
+        ``x`` and the parameters' ``y`` follow. Raises ``RuntimeError`` in eval mode;
+        returns the closure's loss (the closure runs with autograd enabled)."""
         if not self.train_mode:
             raise RuntimeError("ScheduleFreeWrapper.step() called in eval mode: call optimizer.train() before "
                                "training steps (and optimizer.eval() before evaluation)")
@@ -177,6 +182,7 @@ class ScheduleFreeWrapper:
                     "kept_y": {i: self._kept_y[p].clone() for i, p in enumerate(params) if p in self._kept_y}}}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore what :meth:`state_dict` returned (base optimizer and schedule-free state)."""
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "schedulefree"}:
             raise ValueError("ScheduleFreeWrapper.load_state_dict expects {'base': ..., 'schedulefree': ...} "
                              "(a dict from ScheduleFreeWrapper.state_dict())")
