@@ -79,11 +79,11 @@ def hutchinson_diagonal(loss_or_grads, params, n_samples: int = 1, *, distributi
     """Hutchinson estimate of the Hessian diagonal, one tensor per parameter.
 
     Args:
-        loss_or_grads: a scalar loss (its gradients are taken here with
+        loss_or_grads (Tensor | Sequence[Tensor]): a scalar loss (its gradients are taken here with
             ``create_graph=True``) or a sequence of gradients, one per parameter,
             that carry their graph (``loss.backward(create_graph=True)`` then
             ``[p.grad for p in params]``).
-        params: the parameters (tensors that require grad).
+        params (Iterable[Tensor]): the parameters (tensors that require grad).
         n_samples: number of probes averaged.
         distribution: ``"rademacher"`` (default) or ``"gaussian"`` probes.
         generator: a ``torch.Generator`` on the parameters' device for the probes

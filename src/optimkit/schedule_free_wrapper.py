@@ -98,9 +98,11 @@ class ScheduleFreeWrapper(torch.optim.Optimizer):
         return self.base.defaults
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base optimizer's ``zero_grad``."""
         self.base.zero_grad(set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the base optimizer and start its schedule-free state."""
         self.base.add_param_group(param_group)
         self._groups.append(self._fresh())
 
@@ -141,6 +143,9 @@ class ScheduleFreeWrapper(torch.optim.Optimizer):
         b.copy_(tmp)
 
     def step(self, closure=None):
+        """One schedule-free step (module docstring): the base optimizer moves ``z``, then
+        ``x`` and the parameters' ``y`` follow. Raises ``RuntimeError`` in eval mode;
+        returns the closure's loss (the closure runs with autograd enabled)."""
         if not self.train_mode:
             raise RuntimeError("ScheduleFreeWrapper.step() called in eval mode: call optimizer.train() before "
                                "training steps (and optimizer.eval() before evaluation)")

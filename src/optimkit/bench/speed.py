@@ -144,6 +144,13 @@ def _sync(device: str) -> None:
 def run(target_params: float = 8e6, rounds: int = 15, steps_per_round: int = 3, warmup: int = 3,
         contenders: list[Contender] | None = None, device: str = "cpu", seed: int = 0,
         progress: Callable[[str], None] | None = None) -> dict:
+    """Step time and state bytes per parameter of ``contenders`` (default:
+    :func:`default_contenders`) on a transformer-shaped parameter set of about
+    ``target_params`` parameters, with fixed gradients. After ``warmup`` steps each,
+    ``rounds`` round-robin rounds time ``steps_per_round`` steps per contender; the
+    result dict holds the medians, as ratios to torch's fused AdamW measured in the
+    same rounds (``vs_torch_fused``), with the memory-bandwidth limit of each from the
+    measured copy bandwidth (``optimkit speed``)."""
     shapes = transformer_shapes(target_params)
     n = sum(torch.Size(s).numel() for s in shapes)
     contenders = contenders or default_contenders(device)

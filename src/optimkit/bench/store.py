@@ -161,6 +161,7 @@ class Store:
             raise BenchError(f"cannot open results database {path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
+        """Close the database connection."""
         self.conn.close()
 
     def __enter__(self) -> "Store":
@@ -185,6 +186,7 @@ class Store:
             return False
 
     def transaction(self) -> "_Tx":
+        """A context manager: one SQLite transaction, committed on exit, rolled back on error."""
         return Store._Tx(self.conn)
 
     def _guard(self, fn, *args):
@@ -222,6 +224,7 @@ class Store:
         return self._guard(go)
 
     def finish_run(self, run_id: int) -> None:
+        """Mark run ``run_id`` complete (status and finish time)."""
         def go():
             now = time.time()
             with self.transaction():
@@ -230,6 +233,7 @@ class Store:
         self._guard(go)
 
     def runs(self) -> list[dict]:
+        """Every stored run, as dicts of the ``runs`` table, oldest first."""
         return self._guard(lambda: [dict(r) for r in self.conn.execute("SELECT * FROM runs ORDER BY run_id")])
 
     def run(self, run_id: int | None = None) -> dict:
@@ -249,6 +253,7 @@ class Store:
     # ------------------------------------------------------------------ optimizers
     def save_optimizer(self, run_id: int, label: str, name: str, hparams: dict, family: str,
                        declared: float | None, measured: float | None) -> None:
+        """Store (or replace) one optimizer of a run with its declared and measured state bytes."""
         def go():
             with self.transaction():
                 self.conn.execute(
@@ -258,6 +263,7 @@ class Store:
         self._guard(go)
 
     def optimizers(self, run_id: int) -> list[dict]:
+        """The ``optimizers`` rows of run ``run_id``, in the order they were saved."""
         return self._guard(lambda: [dict(r) for r in self.conn.execute(
             "SELECT * FROM optimizers WHERE run_id=? ORDER BY rowid", (run_id,))])
 
@@ -287,6 +293,7 @@ class Store:
         return self._guard(go)
 
     def trials(self, run_id: int, **where: Any) -> list[dict]:
+        """The ``trials`` rows of run ``run_id``, filtered by column equality (``phase="eval"``)."""
         sql = "SELECT * FROM trials WHERE run_id=?"
         args: list[Any] = [run_id]
         for k, v in where.items():
@@ -295,6 +302,7 @@ class Store:
         return self._guard(lambda: [dict(r) for r in self.conn.execute(sql + " ORDER BY trial_id", args)])
 
     def series(self, trial_ids: list[int]) -> dict[int, list[tuple]]:
+        """The ``metrics`` rows of each trial id, by step: ``{trial_id: [(step, seconds, train_loss, value), ...]}``."""
         out: dict[int, list[tuple]] = {t: [] for t in trial_ids}
         def go():
             for chunk in _chunks(trial_ids, 500):

@@ -458,6 +458,7 @@ _add(Workload("char_lm_small", "character-level transformer LM (2 layers, d=32, 
 
 
 def workload_names() -> list[str]:
+    """Names of the registered workloads, in registration order."""
     return list(WORKLOADS)
 
 

@@ -10,6 +10,9 @@ _REGISTRY: dict[str, type] = {}
 
 @dataclass(frozen=True)
 class OptimizerInfo:
+    """What ``optimkit.info(name)`` returns: an optimizer's registry name, class, family,
+    paper, reference implementation, fp32 state bytes per parameter and defaults."""
+
     name: str
     cls: type
     family: str

@@ -114,7 +114,8 @@ class DiLoCo:
             with the list of global parameter tensors that returns an optimizer
             (``functools.partial(ok.AdamW, lr=1e-3)``); ``outer_lr`` and
             ``outer_momentum`` are then not used.
-        outer_lr, outer_momentum: the outer SGD's learning rate and momentum.
+        outer_lr: the outer SGD's learning rate.
+        outer_momentum: the outer SGD's momentum.
         sync_every: ``H``, inner steps between two syncs of a fragment.
         fragments: ``P``: an int (the parameters, in the inner optimizer's order, cut
             into ``P`` contiguous fragments of about equal size) or a sequence of
@@ -135,7 +136,7 @@ class DiLoCo:
     def __init__(self, inner: torch.optim.Optimizer, outer: str | Callable = "nesterov", outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, sync_every: int = 500, *, fragments: int | Sequence = 1,
                  overlap_steps: int = 0, alpha: float = 0.0, outer_grad_precision: str = "fp32",
-                 outer_placement: str = "device", process_group=None):
+                 outer_placement: str = "device", process_group: Any = None):
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
         if isinstance(outer, str):

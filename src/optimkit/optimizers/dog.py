@@ -229,6 +229,7 @@ class PolynomialDecayAverager:
         self._devices_matched = False
 
     def step(self) -> None:
+        """Fold the model's current weights into the average (call after ``opt.step()``)."""
         self._match_devices()
         c = (self.gamma + 1) / (self.gamma + self.t)
         current = self.model.state_dict()
@@ -263,8 +264,10 @@ class PolynomialDecayAverager:
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
+        """The step count and the averaged model's state dict."""
         return {"t": self.t, "av_model": self.av_model.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.t = int(state_dict["t"])
         self.av_model.load_state_dict(state_dict["av_model"])

@@ -256,16 +256,18 @@ def muon_param_groups(model: nn.Module, *, muon: dict | None = None, adamw: dict
 
     Args:
         model: the module whose parameters are split (each parameter once).
-        muon, adamw: hyperparameters for the Muon groups and for the AdamW group,
-            e.g. ``muon=dict(lr=0.02), adamw=dict(lr=3e-4, weight_decay=0.0)``.
+        muon: hyperparameters for the Muon groups, e.g. ``muon=dict(lr=0.02)``.
+        adamw: hyperparameters for the AdamW group, e.g.
+            ``adamw=dict(lr=3e-4, weight_decay=0.0)``.
         head: ``"auto"``: the ``nn.Linear`` modules whose ``out_features`` equals an
             embedding's ``num_embeddings`` (a language-model head, tied or not); in a
             model without such a layer, its last ``nn.Linear`` (a classifier head).
             A model that computes its logits as ``F.linear(x, emb.weight)`` has no
             head module: pass ``head=None``. Or module names, or ``None`` for none.
-        adamw_names, muon_names: parameter or module names sent to AdamW / Muon
-            whatever the rules above say (explicit choices win). A Muon name must
-            be a tensor with two or more dims.
+        adamw_names: parameter or module names sent to AdamW whatever the rules
+            above say (explicit choices win).
+        muon_names: parameter or module names sent to Muon whatever the rules
+            above say; each must be a tensor with two or more dims.
         split: ``{parameter or module name: k}``: those matrices are orthogonalized
             as ``k`` blocks of rows (fused QKV: 3), in a Muon group with ``split=k``.
 
