@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .optimizer import Optimizer
 
 _REGISTRY: dict[str, type] = {}
 
 
 @dataclass(frozen=True)
 class OptimizerInfo:
+    """What :func:`info` returns: an optimizer's registry name, class, family, paper,
+    reference implementation, fp32 state bytes per parameter and defaults."""
+
     name: str
     cls: type
     family: str
@@ -53,7 +59,7 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, params, **hyperparameters):
+def create(name: str, params: Any, **hyperparameters: Any) -> Optimizer:
     """Build the optimizer registered under ``name``."""
     return _lookup(name)(params, **hyperparameters)
 
