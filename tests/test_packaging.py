@@ -35,8 +35,11 @@ def _stub_names() -> dict[str, str]:
         if isinstance(node, ast.ImportFrom):
             base = "optimkit" + ("." + node.module if node.module else "")
             for alias in node.names:
-                assert alias.asname == alias.name, f"stub: {alias.name} must be re-exported as itself"
-                out[alias.name] = base if node.module else f"optimkit.{alias.name}"
+                if node.module:  # from .mod import X as X (an explicit re-export)
+                    assert alias.asname == alias.name, f"stub: {alias.name} must be re-exported as itself"
+                    out[alias.name] = base
+                else:  # from . import submodule as name
+                    out[alias.asname or alias.name] = f"optimkit.{alias.name}"
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             out[node.target.id] = "<annotation>"
     return out

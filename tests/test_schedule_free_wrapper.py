@@ -153,3 +153,44 @@ def test_bad_arguments(kwargs, err):
         ok.ScheduleFreeWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), **kwargs)
     with pytest.raises(TypeError, match="base"):
         ok.ScheduleFreeWrapper([torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_is_a_torch_optimizer_with_hooks_schedulers_and_copies():
+    """A torch.optim.Optimizer (what LR schedulers, Lightning and accelerate check for):
+    step pre/post hooks and state-dict hooks fire, a LambdaLR schedules the base's lr,
+    and a deep copy continues exactly as the original."""
+    params = [torch.nn.Parameter(t) for t in _start()]
+    opt = ok.ScheduleFreeWrapper(torch.optim.SGD(params, lr=0.05))
+    assert isinstance(opt, torch.optim.Optimizer) and opt.defaults is opt.base.defaults
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o is opt)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o is opt)))
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("sd_pre", o is opt)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "extra"})
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load_post", o is opt)))
+    sched = ok.schedules.cosine(10).scheduler(opt)
+    gen = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(6)]
+
+    def step(o, ps, g):
+        for p, gi in zip(ps, g):
+            p.grad = gi.clone()
+        o.step()
+
+    for g in grads[:3]:
+        step(opt, params, g)
+        sched.step()
+    assert calls == [("pre", True), ("post", True)] * 3
+    sd = opt.state_dict()
+    assert sd["extra"] == 1 and ("sd_pre", True) in calls
+    opt.load_state_dict(sd)      # the pre-hook removes "extra", which the loader would refuse
+    assert calls[-1] == ("load_post", True)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * ok.schedules.cosine(10)(3))
+    twin = copy.deepcopy(opt)
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for g in grads[3:]:
+        step(opt, params, g)
+        step(twin, twin_params, g)
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)

@@ -686,3 +686,30 @@ def test_muon_param_groups_take_the_switches_per_group():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     opt = ok.Muon(ok.muon_param_groups(model, adamw={"fused": True, "foreach": False}))
     assert {g["use_muon"]: g["compile"] for g in opt.param_groups} == {True: False, False: True}
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_copies_made_after_a_scheduler_attached_step_themselves(name):
+    """An LR scheduler wraps ``opt.step`` in the instance (a wrapper that calls the
+    optimizer it was made for). A deep copy or a pickle of the optimizer taken after
+    that must step itself, not the original, as torch.optim's copies do."""
+    import io
+
+    params = make_params(SMALL)
+    opt = ok.create(name, params, **contract_hp(name))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+    grads = grad_stream(params, 3)
+    run_with_grads(opt, params, grads[:1])
+    sched.step()
+    before = [p.detach().clone() for p in params]
+    twin = copy.deepcopy(opt)
+    buf = io.BytesIO()
+    torch.save(opt, buf)                                  # a local wrapper function would not pickle
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        mine = [p for g in other.param_groups for p in g["params"]]
+        run_with_grads(other, mine, grads[1:])
+        for p, q in zip(params, before):
+            assert torch.equal(p, q)                      # the original did not move
+        assert not torch.equal(mine[0], before[0])

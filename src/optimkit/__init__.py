@@ -30,3 +30,10 @@ for _cls in _REGISTRY.values():
 __all__ = sorted(["APOLLO", "APOLLOMini", "curvature", "FRUGAL", "GaLore", "Optimizer", "PolynomialDecayAverager", "Projection", "QKClip", "ScheduleFreeWrapper", "Transform", "available", "create", "info", "memory_report",
                   "muon_param_groups", "param_groups", "scaling", "schedules", "schedulefree_bn_update", "state_bytes"]
                  + [c.__name__ for c in _REGISTRY.values()])
+
+# distributed training (docs/distributed.md)
+from .distributed import DiLoCo  # noqa: E402
+__all__ = sorted(__all__ + ["DiLoCo"])
+# asynchronous, atomic checkpoints (docs/checkpointing.md); optimkit.core.checkpoint is the state-dict format
+from . import checkpoint_io as checkpoint  # noqa: E402
+__all__ = sorted(__all__ + ["checkpoint"])

@@ -6,6 +6,7 @@ one where it is defined. ``tests/test_packaging.py`` checks that it lists exactl
 ``optimkit.__all__`` (plus ``__version__``), each from the module that defines it.
 """
 
+from . import checkpoint_io as checkpoint
 from . import curvature as curvature
 from . import scaling as scaling
 from . import schedules as schedules
@@ -13,6 +14,7 @@ from .core.memory import memory_report as memory_report, state_bytes as state_by
 from .core.optimizer import Optimizer as Optimizer
 from .core.registry import available as available, create as create, info as info
 from .core.transform import Transform as Transform
+from .distributed.diloco import DiLoCo as DiLoCo
 from .optimizers.adabelief import AdaBelief as AdaBelief
 from .optimizers.adadelta import Adadelta as Adadelta
 from .optimizers.adafactor import Adafactor as Adafactor

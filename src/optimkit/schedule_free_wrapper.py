@@ -22,6 +22,7 @@ no foreign keys), and it starts in train mode.
 from __future__ import annotations
 
 import numbers
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -38,13 +39,17 @@ def _check(name: str, value: Any, low: float, high: float | None, open_low: bool
     return x
 
 
-class ScheduleFreeWrapper:
+class ScheduleFreeWrapper(torch.optim.Optimizer):
     """Schedule-free iterate averaging around ``base`` (any ``torch.optim.Optimizer``).
 
     ``opt = ok.ScheduleFreeWrapper(torch.optim.RMSprop(model.parameters(), lr=2.5e-3))``;
     ``opt.train()`` / ``opt.eval()`` as the schedule-free optimizers
     (docs/tuning_free.md). ``momentum`` is the interpolation ``beta``; the base's
     own momentum can be turned off.
+
+    It is a ``torch.optim.Optimizer`` (``param_groups``, ``state`` and ``defaults``
+    are the base's; step and state-dict hooks work), so LR schedulers, Lightning's
+    ``configure_optimizers`` and accelerate's ``prepare`` take it as they take the base.
     """
 
     def __init__(self, base: torch.optim.Optimizer, momentum: float = 0.9, weight_decay_at_y: float = 0.0,
@@ -60,6 +65,20 @@ class ScheduleFreeWrapper:
         self._z: dict[Tensor, Tensor] = {}      # base iterate per parameter
         self._kept_y: dict[Tensor, Tensor] = {}  # y while in eval mode
         self._groups = [self._fresh() for _ in base.param_groups]
+        # torch.optim.Optimizer's bookkeeping (its __init__ would replace param_groups and
+        # state, which are the base's here): hook registries, step profiling and hooks
+        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
+                     "load_state_dict_pre", "load_state_dict_post"):
+            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
+        self._patch_step_function()
+
+    def __getstate__(self) -> dict:
+        """All attributes (torch.optim's would keep only defaults, state and groups), but
+        not an instance ``step`` (an LR scheduler's wrapper that calls the original)."""
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     @staticmethod
     def _fresh() -> dict:
@@ -73,6 +92,10 @@ class ScheduleFreeWrapper:
     @property
     def state(self):
         return self.base.state
+
+    @property
+    def defaults(self):
+        return self.base.defaults
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none)
@@ -167,16 +190,26 @@ class ScheduleFreeWrapper:
     def state_dict(self) -> dict:
         """``{"base": base.state_dict(), "schedulefree": {...}}``: tensors and plain
         values only (``torch.load``'s defaults read it)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         params = self._params()
-        return {"base": self.base.state_dict(),
+        out = {"base": self.base.state_dict(),
                 "schedulefree": {
                     "momentum": self.momentum, "weight_decay_at_y": self.weight_decay_at_y, "r": self.r,
                     "weight_lr_power": self.weight_lr_power, "train_mode": self.train_mode,
                     "groups": [dict(g) for g in self._groups],
                     "z": {i: self._z[p].clone() for i, p in enumerate(params) if p in self._z},
                     "kept_y": {i: self._kept_y[p].clone() for i, p in enumerate(params) if p in self._kept_y}}}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, out)
+            out = out if result is None else result
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a dict from :meth:`state_dict` (checked before anything changes)."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
         if not isinstance(state_dict, dict) or set(state_dict) != {"base", "schedulefree"}:
             raise ValueError("ScheduleFreeWrapper.load_state_dict expects {'base': ..., 'schedulefree': ...} "
                              "(a dict from ScheduleFreeWrapper.state_dict())")
@@ -199,3 +232,5 @@ class ScheduleFreeWrapper:
                    for i, t in mine["z"].items()}
         self._kept_y = {params[int(i)]: t.to(params[int(i)].device, params[int(i)].dtype).clone()
                         for i, t in mine["kept_y"].items()}
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

@@ -50,7 +50,8 @@ def main() -> None:
     groups: list[dict] = ok.muon_param_groups(m, adamw=dict(lr=3e-4))
     muon = ok.Muon(groups, lr=0.02)
     sf = ok.ScheduleFreeWrapper(torch.optim.SGD(m.parameters(), lr=0.1))
-    sf.train()  # a wrapper around any torch optimizer (not itself a torch.optim.Optimizer)
+    sf_opt: torch.optim.Optimizer = sf  # a wrapper around any torch optimizer, itself one
+    sf.train()
     train_sf: float = train(sf, m, steps=1)
     avg = ok.PolynomialDecayAverager(m)
     train(muon, m)
@@ -72,10 +73,12 @@ def main() -> None:
     batch_lr: float = ok.scaling.batch_lr(1e-3, 256, 64, rule="sqrt")
     pgroups = ok.param_groups(m, lr=1e-3, weight_decay=0.1)
     version: str = ok.__version__
+    checkpointer: type[ok.checkpoint.AsyncCheckpointer] = ok.checkpoint.AsyncCheckpointer
+    diloco: type[ok.DiLoCo] = ok.DiLoCo
 
     print(len(names), meta.name, len(report), total, by_place, sched.last_epoch, factor, batch_lr,
-          len(pgroups), version, type(base).__name__, train_sf, type(created).__name__,
-          type(projection).__name__, type(apollo).__name__)
+          len(pgroups), version, type(base).__name__, train_sf, type(sf_opt).__name__, type(created).__name__,
+          type(projection).__name__, type(apollo).__name__, checkpointer.__name__, diloco.__name__)
 
 
 def type_errors() -> None:
@@ -87,6 +90,8 @@ def type_errors() -> None:
     ok.__version__ + 1  # type: ignore[operator]
     ok.GaLore(rank="4")  # type: ignore[arg-type]
     ok.NoSuchOptimizer  # type: ignore[attr-defined]
+    ok.checkpoint.NoSuchName  # type: ignore[attr-defined]
+    ok.DiLoCo.no_such_method  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

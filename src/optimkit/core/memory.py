@@ -14,7 +14,8 @@ from torch import Tensor
 
 
 def _placement(t: Tensor, disk_ids: set[int]) -> str:
-    if id(t) in disk_ids:
+    # the id alone could be a freed mapped tensor's, reused (core.placement.Placement.on_disk)
+    if id(t) in disk_ids and t.device.type == "cpu" and getattr(t.untyped_storage(), "filename", None):
         return "disk"
     return t.device.type
 

@@ -249,8 +249,10 @@ class Optimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         """torch.optim keeps only defaults, state and param groups; an optimkit
         optimizer also needs its transforms and settings (``copy.deepcopy`` and
-        pickling work). Compiled kernels and fast-path plans are rebuilt on use."""
-        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+        pickling work). Compiled kernels and fast-path plans are rebuilt on use. A
+        ``step`` in the instance (an LR scheduler's wrapper around the bound method,
+        which still calls the original optimizer) is left out, as torch.optim does."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES and k != "step"}
 
     def __setstate__(self, state: dict) -> None:  # also the last step of load_state_dict
         super().__setstate__(state)

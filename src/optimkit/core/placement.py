@@ -67,8 +67,16 @@ class Placement:
                 if value.device.type != "cpu":
                     host = value.to("cpu")
                     state[key] = host.pin_memory() if torch.cuda.is_available() else host
-            elif id(value) not in self.disk_tensors:
+            elif not self.on_disk(value):
                 state[key] = self._to_disk(value)
+
+    def on_disk(self, value: Tensor) -> bool:
+        """Is ``value`` one of this placement's memory-mapped tensors? The id alone does
+        not say: a mapped tensor that was replaced (e.g. moved to a device by a framework
+        after loading) and freed leaves its id to new tensors, so the storage must still
+        be a mapped file too."""
+        return (id(value) in self.disk_tensors and value.device.type == "cpu"
+                and getattr(value.untyped_storage(), "filename", None) is not None)
 
     def _to_disk(self, value: Tensor) -> Tensor:
         path = os.path.join(self._directory(), f"{next(self._count)}.bin")
