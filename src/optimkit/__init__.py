@@ -18,7 +18,11 @@ from . import curvature, scaling, schedules
 from .scaling import param_groups
 from .core.registry import _REGISTRY
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version; a source tree that is not installed says 0.1.0
+    from importlib.metadata import PackageNotFoundError as _NotFound, version as _version
+    __version__ = _version("optimkit")
+except _NotFound:
+    __version__ = "0.1.0"
 
 for _cls in _REGISTRY.values():
     globals()[_cls.__name__] = _cls

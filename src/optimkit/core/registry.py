@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .optimizer import Optimizer
 
 _REGISTRY: dict[str, type] = {}
 
@@ -56,7 +59,7 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, params, **hyperparameters):
+def create(name: str, params: Any, **hyperparameters: Any) -> Optimizer:
     """Build the optimizer registered under ``name``."""
     return _lookup(name)(params, **hyperparameters)
 
