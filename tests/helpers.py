@@ -100,7 +100,7 @@ def digits_split():
     return x[tr], y[tr], x[va], y[va]
 
 
-def kron_quadratic(m: int = 16, n: int = 8, cond: float = 1e4, seed: int = 0):
+def kron_quadratic(m: int = 16, n: int = 8, cond: float = 1e4, seed: int = 0, dtype=torch.float32):
     """An ill-conditioned matrix quadratic with Kronecker-structured curvature.
 
     ``f(W) = 0.5 tr((W - W*)^T A (W - W*) B)``: gradient ``A (W - W*) B``, Hessian
@@ -109,18 +109,19 @@ def kron_quadratic(m: int = 16, n: int = 8, cond: float = 1e4, seed: int = 0):
     ``(W, loss_fn)``: a zero-initialized parameter and ``loss_fn(W) -> tensor``; the
     minimum is 0, at ``W*`` (standard normal). The problem second-order methods are
     meant for: every direction-wise step size of a first-order method is a compromise
-    between the largest and the smallest curvature."""
+    between the largest and the smallest curvature. ``dtype``: of the parameter and
+    the problem (float64 for counts that must not depend on the machine's rounding)."""
     g = torch.Generator().manual_seed(seed)
     side = cond ** 0.5
 
     def spd(k: int) -> torch.Tensor:
         q, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
         eig = torch.logspace(0, torch.log10(torch.tensor(side)).item(), k, dtype=torch.float64)
-        return ((q * eig) @ q.T).float()
+        return ((q * eig) @ q.T).to(dtype)
 
     a, b = spd(m), spd(n)
-    target = torch.randn(m, n, generator=g)
-    w = torch.nn.Parameter(torch.zeros(m, n))
+    target = torch.randn(m, n, generator=g).to(dtype)
+    w = torch.nn.Parameter(torch.zeros(m, n, dtype=dtype))
 
     def loss_fn(param: torch.Tensor) -> torch.Tensor:
         e = param - target

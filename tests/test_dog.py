@@ -135,9 +135,11 @@ def test_state_dict_resume_is_exact(cls):
 def test_default_lr_trains_digits(cls):
     """Full batch, defaults: DoG and L-DoG start with tiny steps (rbar = 1e-6 (1 + |x0|))
     and take ~70 steps to grow into the problem (2.34 -> 0.11 / 0.10 at step 100);
-    DoWG overshoots to 12 by step 20 and recovers (0.18 at step 100)."""
+    DoWG overshoots to 12 by step 20 and recovers, but how fast depends on rounding
+    (at step 100: 0.18 in float64 and on one CPU in float32, 0.32 on another), so it
+    gets 150 steps (0.10 in float64, 0.13 in float32 on the slower CPU)."""
     model, loss_fn = digits_problem()
-    losses = train(model, loss_fn, getattr(ok, cls)(model.parameters()), 100)
+    losses = train(model, loss_fn, getattr(ok, cls)(model.parameters()), 150 if cls == "DoWG" else 100)
     assert losses[-1] < 0.1 * losses[0], losses[::10]
 
 

@@ -455,6 +455,34 @@ def test_reduce_lr_on_plateau_lowers_the_lr_the_step_uses(name):
     torch.optim.lr_scheduler.ReduceLROnPlateau(again, factor=0.5, patience=0).load_state_dict(sched.state_dict())
 
 
+def test_sequential_lr_warmup_then_cosine_equals_torch_adamw():
+    """SequentialLR (LinearLR warmup, then CosineAnnealingLR) drives ok.AdamW exactly as
+    it drives torch.optim.AdamW: the same lr at every step and bit-identical weights;
+    the scheduler's state dict resumes it on a fresh optimizer."""
+    def make(cls, params):
+        opt = cls(params, lr=1e-2, weight_decay=0.1)
+        warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4)
+        cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)
+        return opt, torch.optim.lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[4])
+
+    ours, theirs = make_params(SMALL), make_params(SMALL)
+    opt, sched = make(ok.AdamW, ours)
+    ref, ref_sched = make(torch.optim.AdamW, theirs)
+    for step, grads in enumerate(grad_stream(ours, 12)):
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+        assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"], step
+        assert _same(ours, theirs), f"weights differ at step {step}"
+    again, again_sched = make(ok.AdamW, make_params(SMALL))
+    again.load_state_dict(opt.state_dict())
+    again_sched.load_state_dict(sched.state_dict())
+    assert again.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
 @pytest.mark.parametrize("name", HABITS)
 def test_swa_utils_average_the_iterates_and_swalr_sets_the_lr(name):
     from torch.optim.swa_utils import SWALR, AveragedModel

@@ -205,12 +205,13 @@ def _fresh_spec(opt: Optimizer, p: Tensor, group: dict) -> tuple[dict, dict, set
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, str] = {"step": "int"}
     proj = group.get("projection")
-    like = view
+    like = view if layout.state_dtype(view.dtype) == view.dtype else torch.empty(
+        view.shape, dtype=layout.state_dtype(view.dtype), device="meta")
     if proj is not None and proj.applies(view):
         pinit = _dry_init(lambda v: copy.copy(proj).init(v), view)  # a copy: init may count
         for key, value in pinit.items():
             tensors[PROJ_PREFIX + key] = value
-        like = torch.empty(proj.subspace_shape(view), dtype=view.dtype, device="meta")
+        like = torch.empty(proj.subspace_shape(view), dtype=layout.state_dtype(view.dtype), device="meta")
     names = set()
     for t in opt._transforms:
         for key in getattr(t, "scalar_state", {}):

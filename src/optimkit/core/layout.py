@@ -30,6 +30,16 @@ STOCHASTIC = ("q8", "q4")
 LAYOUT_KEY = "_layout"
 
 
+def state_dtype(dtype):
+    """The dtype of the state created for a parameter of ``dtype``: its own, except
+    float16, whose range (largest 65504, smallest normal 6e-5) cannot hold second
+    moments or an ``eps`` of 1e-8: float16 parameters get float32 state and are
+    stepped in float32 (rounded back to float16 once per step)."""
+    import torch
+
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 _CODECS: dict = {}
 
 

@@ -361,6 +361,8 @@ class Optimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
+            if p.numel() == 0:  # nothing to update (and no state to keep): as if without gradient
+                continue
             if not (p.is_floating_point() or p.is_complex()):
                 raise TypeError(f"{type(self).__name__} cannot update parameter {i} of a group "
                                 f"(shape {tuple(p.shape)}): its dtype {p.dtype} is not floating point; "
@@ -386,10 +388,10 @@ class Optimizer(torch.optim.Optimizer):
         if not state:
             state["step"] = 0  # a Python int: no per-parameter tensor op on every step
             override = self._precision_overrides.get(id(p))
-            like = view
+            like = view if layout.state_dtype(view.dtype) == view.dtype else view.to(layout.state_dtype(view.dtype))
             if proj is not None and proj.applies(view):
                 save_projector_state(state, proj.init(view))
-                like = view.new_zeros(proj.subspace_shape(view))
+                like = like.new_zeros(proj.subspace_shape(view))
             for t in self._transforms:
                 for key, value in getattr(t, "scalar_state", {}).items():
                     state[key] = float(value)
@@ -404,7 +406,8 @@ class Optimizer(torch.optim.Optimizer):
             self._placement.place(state, group["state_placement"])
         elif (proj is not None and proj.resets_state and state["step"] and proj.applies(view)
               and proj.refreshes(state["step"] + 1)):
-            self._reset_rule_state(state, view.new_zeros(proj.subspace_shape(view)), group)
+            self._reset_rule_state(state, view.new_zeros(proj.subspace_shape(view),
+                                                         dtype=layout.state_dtype(view.dtype)), group)
         return state
 
     def _reset_rule_state(self, state: dict, like: Tensor, group: dict) -> None:
@@ -561,11 +564,13 @@ class Optimizer(torch.optim.Optimizer):
         if static.get("maximize"):
             grads = grads.neg()
         # Low-precision (bf16/fp16) parameters with encoded state (which decodes to
-        # fp32) or with bf16_compensation: the whole step runs in fp32 (gradients,
+        # fp32), float16 parameters (their state is fp32: layout.state_dtype) and
+        # bf16 ones with bf16_compensation: the whole step runs in fp32 (gradients,
         # parameters and the states kept as created) and each stored tensor is
         # rounded back once at the end (the parameters with their compensation).
         mixed = params[0].dtype != torch.float32 and layout.is_encoded(signature)
-        low = mixed or (bool(static.get("bf16_compensation")) and params[0].dtype == torch.bfloat16)
+        low = (mixed or params[0].dtype == torch.float16
+               or (bool(static.get("bf16_compensation")) and params[0].dtype == torch.bfloat16))
         state = layout.decode(entries, signature, upcast=low)
         work = TensorList([p.float() for p in params]) if low else params
         if low:

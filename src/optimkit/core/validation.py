@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 
-def _real(name: str, value: Any) -> float:
+def _real(name: str, value: Any, allow_inf: bool = False) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Invalid {name}: a tensor {name} must have one element, "
@@ -21,6 +21,8 @@ def _real(name: str, value: Any) -> float:
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"Invalid {name}: {value} (NaN)")
+    if math.isinf(value) and not allow_inf:
+        raise ValueError(f"Invalid {name}: {value} (must be finite)")
     return value
 
 
@@ -35,6 +37,24 @@ def positive(name: str, value: Any) -> float:
     v = _real(name, value)
     if not v > 0:
         raise ValueError(f"Invalid {name}: {v} (must be > 0)")
+    return v
+
+
+def positive_or_inf(name: str, value: Any) -> float:
+    """A number > 0, where ``inf`` means unbounded (e.g. a cap that is off)."""
+    v = _real(name, value, allow_inf=True)
+    if not v > 0:
+        raise ValueError(f"Invalid {name}: {v} (must be > 0; inf: unbounded)")
+    return v
+
+
+def eps_positive(name: str, value: Any) -> float:
+    """A denominator's safeguard: > 0, since with 0 a gradient entry that is exactly
+    zero (and so its moments) gives 0/0 = NaN."""
+    v = _real(name, value)
+    if not v > 0:
+        raise ValueError(f"Invalid {name}: {v} (must be > 0: with {name}=0 a gradient entry that is "
+                         "exactly zero gives 0/0)")
     return v
 
 
@@ -122,7 +142,7 @@ def cautious_flag(name: str, value: Any):
 #: Rules by hyperparameter name, shared by all optimizers (a class can override).
 RULES: dict[str, Callable] = {
     "lr": nonneg,
-    "eps": nonneg,
+    "eps": eps_positive,
     "weight_decay": nonneg,
     "betas": betas(),
     "momentum": nonneg,

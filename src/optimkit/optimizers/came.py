@@ -36,7 +36,7 @@ class CAME(Optimizer):
     has_momentum = True
     defaults = dict(lr=2e-4, eps=(1e-30, 1e-16), clip_threshold=1.0, betas=(0.9, 0.999, 0.9999),
                     weight_decay=0.0)
-    rules = {"eps": V.betas(2, check=V.nonneg), "clip_threshold": V.positive, "betas": V.betas(3)}
+    rules = {"eps": V.betas(2, check=V.eps_positive), "clip_threshold": V.positive, "betas": V.betas(3)}
 
     def build(self):
         return [WeightDecay(decoupled=True), ScaleByFactoredSecondMoment(), ClipByRMS("clip_threshold"),

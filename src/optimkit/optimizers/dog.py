@@ -37,7 +37,7 @@ class DoGStep(GlobalScalarTransform):
         if ctx.static["weight_decay"]:
             g = g.add(ctx.params, alpha=ctx.hp["weight_decay"])
         if self.layerwise:
-            return g.map(lambda gi, e: gi * e.to(gi.dtype), ctx.state["eta"])
+            return g.map(lambda gi, e: gi * e.to(gi.dtype).view(()), ctx.state["eta"])
         return g
 
 

@@ -11,7 +11,7 @@ from ..core import validation as v
 from ..core.optimizer import TORCH_SWITCHES, Optimizer
 from ..transforms.decay import WeightDecay
 from ..transforms.orthogonalize import (KELLER_COEFFICIENTS, NAMED_SCHEDULES, NS_DTYPES, AuxAdamW,
-                                        OrthogonalizedMomentum, matrix_shape, takes_muon)
+                                        OrthogonalizedMomentum, matrix_shape, schedule, takes_muon)
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                 "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
@@ -57,6 +57,25 @@ def _ns_coefficients(name: str, value: Any):
     if all(isinstance(x, (tuple, list)) for x in value):
         return tuple(_triple(f"{name}[{i}]", t) for i, t in enumerate(value))
     return _triple(name, value)
+
+
+#: largest singular value the Newton-Schulz iteration may produce from [0, 1]
+NS_BOUND = 100.0
+
+
+def _check_iteration_bounded(coefficients, steps: int) -> None:
+    """Singular values enter the iteration in [0, 1] (the matrix is normalized by its
+    Frobenius norm); each step maps s to a s + b s^3 + c s^5. Coefficients under which
+    that map carries some s in [0, 1] beyond ``NS_BOUND`` overflow within a few
+    iterations (non-finite weights): refuse them."""
+    xs = [i / 1024 for i in range(1025)]
+    for a, b, c in schedule(coefficients, steps):
+        xs = [a * x + b * x ** 3 + c * x ** 5 for x in xs]
+        top = max(abs(x) for x in xs)
+        if not math.isfinite(top) or top > NS_BOUND:
+            raise ValueError(f"Invalid ns_coefficients: {coefficients!r} with ns_steps={steps} carry singular "
+                             f"values in [0, 1] up to {top:.3g} (more than {NS_BOUND:g}): the iteration "
+                             "diverges; use the default, 'polar_express' or a convergent (a, b, c)")
 
 
 class Muon(Optimizer):
@@ -134,13 +153,16 @@ class Muon(Optimizer):
     rules = {"momentum": v.unit, "ns_coefficients": _ns_coefficients, "ns_steps": v.nonneg_int,
              "adjust_lr_fn": v.optional(v.choice("original", "match_rms_adamw")), "ns_dtype": _ns_dtype,
              "reshape": v.choice("auto", "flatten", "batch"), "split": v.positive_int,
-             "use_muon": v.boolean, "adamw_betas": v.betas(2), "adamw_eps": v.nonneg, "nesterov": v.boolean}
+             "use_muon": v.boolean, "adamw_betas": v.betas(2), "adamw_eps": v.eps_positive, "nesterov": v.boolean}
 
     #: :meth:`param_groups_for`: the AdamW group's learning rate is this times the Muon lr
     aux_lr_ratio: float = 0.3
 
     def build(self):
         return [WeightDecay(decoupled=True), OrthogonalizedMomentum(), AuxAdamW()]
+
+    def check(self, group: dict) -> None:
+        _check_iteration_bounded(group["ns_coefficients"], group["ns_steps"])
 
     @classmethod
     def param_groups_for(cls, model: nn.Module, hyperparameters: dict) -> list[dict]:

@@ -67,7 +67,7 @@ class SPS(_GlobalStep):
     state_bytes = 0
     requires_closure = True
     defaults = dict(lr=1.0, max_lr=math.inf, f_star=0.0, eps=0.0)
-    rules = {"max_lr": v.positive, "f_star": v.real, "eps": v.nonneg}
+    rules = {"max_lr": v.positive_or_inf, "f_star": v.real, "eps": v.nonneg}
 
     def step(self, closure=None):
         if closure is None:

@@ -18,7 +18,7 @@ def _beta3(name: str, value: Any) -> float | None:
 
 
 def _growth(name: str, value: Any) -> float:
-    x = v.positive(name, value)
+    x = v.positive_or_inf(name, value)
     if x < 1.0:
         raise ValueError(f"Invalid {name}: {x} (must be >= 1; inf: unbounded)")
     return x

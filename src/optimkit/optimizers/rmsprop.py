@@ -33,6 +33,10 @@ class RMSprop(Optimizer):
     def check(self, group):
         if not group["centered"]:
             return
+        if group["alpha"] == 0:
+            raise ValueError("Invalid alpha: 0.0 with centered=True: the variance estimate "
+                             "square_avg - grad_avg^2 is then always 0 and every step is g / eps; "
+                             "use alpha > 0 (e.g. 0.99) or centered=False")
         spec = group["state_precision"]
         for key in ("square_avg", "grad_avg"):
             prec = spec.get(key, spec.get("default", "fp32")) if isinstance(spec, dict) else spec

@@ -111,7 +111,7 @@ class ScheduleFreeAdamW(_ScheduleFree):
     state_bytes = 8  # z and v
     defaults = dict(lr=0.0025, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0, r=0.0,
                     weight_lr_power=2.0, train_mode=True)
-    rules = {"betas": _betas, "eps": v.nonneg, "weight_decay": v.nonneg, "warmup_steps": v.nonneg_int,
+    rules = {"betas": _betas, "eps": v.eps_positive, "weight_decay": v.nonneg, "warmup_steps": v.nonneg_int,
              "r": v.nonneg, "weight_lr_power": v.nonneg, "train_mode": v.boolean}
 
     def build(self):

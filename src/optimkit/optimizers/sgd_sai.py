@@ -22,7 +22,9 @@ class SaIMomentum(Transform):
         return {"momentum_buffer": p.new_zeros(p.shape), "gsnr": p.new_zeros((), dtype=exact)}
 
     def scalars(self, group, step, sstate):
-        return {"first_step": step == 1}
+        # every gsnr is 0 when gsnr_max is (all first gradients zero): divide by 1, not 0
+        top = group["gsnr_max"]
+        return {"first_step": step == 1, "gsnr_div": float(top) if top else 1.0}
 
     def __call__(self, u, ctx: Context):
         mu = ctx.hp["momentum"]
@@ -32,7 +34,7 @@ class SaIMomentum(Transform):
             b.copy_(g)
         else:
             b.mul_(mu).add_(g, alpha=1 - mu)
-        scale = [s / ctx.hp["gsnr_max"] for s in ctx.state["gsnr"]]
+        scale = [s / ctx.hp["gsnr_div"] for s in ctx.state["gsnr"]]
         return TensorList([bi * si.to(bi.dtype) for bi, si in zip(b, scale)])
 
 
@@ -66,7 +68,7 @@ class SGDSaI(Optimizer):
     reference = "sgd_sai.SGD_sai 1.0.4 (AnonymousAlethiometer/SGD_SaI)"
     state_bytes = 4
     defaults = dict(lr=1e-2, momentum=0.9, eps=1e-8, weight_decay=1e-2, gsnr_max=None)
-    rules = {"momentum": v.unit, "eps": v.nonneg, "weight_decay": v.nonneg,
+    rules = {"momentum": v.unit, "eps": v.eps_positive, "weight_decay": v.nonneg,
              "gsnr_max": v.optional(v.nonneg)}
 
     def build(self):

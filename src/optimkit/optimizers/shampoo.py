@@ -133,7 +133,7 @@ class Shampoo(Optimizer):
              "inverse_exponent_override": _exponents, "use_nesterov": v.boolean,
              "use_bias_correction": v.boolean, "use_decoupled_weight_decay": v.boolean,
              "grafting": v.choice(*GRAFTING), "grafting_beta2": v.optional(_betas_one),
-             "grafting_epsilon": v.optional(v.nonneg), "use_merge_dims": v.boolean,
+             "grafting_epsilon": v.optional(v.eps_positive), "use_merge_dims": v.boolean,
              "precondition_1d": v.boolean, "preconditioner_dtype": v.choice(*DTYPES)}
 
     def build(self):
