@@ -19,6 +19,7 @@ import copy
 import difflib
 import inspect
 import itertools
+import sys
 import types
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -376,6 +377,10 @@ class Optimizer(torch.optim.Optimizer):
                 g = g.to_dense()
             params.append(p)
             grads.append(g)
+        if _sharded_in(params):
+            from ..distributed import sharded
+
+            sharded.check_group(self, group, params, grads)
         return params, grads
 
     def _state_for(self, p: Tensor, view: Tensor, group: dict) -> dict:
@@ -393,8 +398,9 @@ class Optimizer(torch.optim.Optimizer):
                     state[key] = float(value)
                 exact = getattr(t, "full_precision", ())
                 for key, value in t.init(like, group).items():
+                    numel = value.numel() if p is view else _global_numel(p, view, value)
                     prec = "fp32" if key in exact else layout.choose(
-                        group["state_precision"], key, value.numel(), group["min_quant_size"], override)
+                        group["state_precision"], key, numel, group["min_quant_size"], override)
                     layout.store(state, key, value, prec, signed=key not in self._nonnegative,
                                  rounding=group["state_rounding"])
             if group["bf16_compensation"] == "kahan" and view.dtype == torch.bfloat16:
@@ -420,8 +426,11 @@ class Optimizer(torch.optim.Optimizer):
                     state[key].copy_(value)
 
     def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        views = [torch.view_as_real(p) if p.is_complex() else p for p in params]
-        gviews = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+        if _sharded_in(params):  # FSDP2: element-wise rules step the local shards (in place)
+            views, gviews = [_local(p) for p in params], [_local(g) for g in grads]
+        else:
+            views = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+            gviews = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
         states = [self._state_for(p, v, group) for p, v in zip(params, views)]
         # Bucket by step count (params that missed steps keep their own count) and dtype.
         buckets: dict[tuple, list[int]] = {}
@@ -609,6 +618,10 @@ class Optimizer(torch.optim.Optimizer):
         by their settings), so that ``torch.load(f)``'s default reads it back."""
         out = checkpoint.saveable(super().state_dict())
         out["skipped_steps"] = int(getattr(self, "skipped_steps", 0))
+        if _sharded_in(p for g in self.param_groups for p in g["params"]):
+            from ..distributed import sharded  # state of DTensor parameters as DTensors
+
+            out = sharded.wrap_state_dict(self, out)
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -622,6 +635,10 @@ class Optimizer(torch.optim.Optimizer):
         (torch.optim casts floating state to the parameter dtype; optimkit
         keeps the stored precision, which is part of the optimizer state.)
         """
+        if "torch.distributed.tensor" in sys.modules:  # DTensor state (torch.distributed.checkpoint)
+            from ..distributed import sharded
+
+            state_dict = sharded.unwrap_state_dict(self, state_dict)
         state_dict = checkpoint.prepare(self, state_dict)
         skipped = state_dict.pop("skipped_steps", 0)
         saved_state = {k: {kk: (vv.clone() if isinstance(vv, Tensor) else copy.deepcopy(vv))
@@ -674,6 +691,7 @@ def _nonfinite_flags(groups: list[dict], all_groups: list[dict]) -> Tensor:
                 continue
             if g.is_sparse:
                 g = g.coalesce().values()
+            g = _local(g)  # a DTensor's shard: the flags are all-reduced below
             buckets.setdefault((g.device, g.dtype), []).append(g)
         per = [_nonfinite_bucket(grads).to(device) for grads in buckets.values()]
         flags.append(torch.stack(per).any() if per else torch.zeros((), dtype=torch.bool, device=device))
@@ -781,3 +799,30 @@ def _merge(static: dict, names: list, values) -> dict:
     for k, vs in tuples.items():
         hp[k] = tuple(vs)
     return hp
+
+
+def _sharded_in(tensors) -> bool:
+    """Whether any of ``tensors`` is a DTensor (FSDP2); no import of torch.distributed."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from ..distributed import sharded
+
+    return sharded.any_dtensor(tensors)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view), else ``t``."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return t
+    from ..distributed import sharded
+
+    return sharded.local(t)
+
+
+def _global_numel(p: Tensor, view: Tensor, value: Tensor) -> int:
+    """Elements of a state tensor of ``p`` unsharded (FSDP2 shards choose precision as a whole)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return value.numel()
+    from ..distributed import sharded
+
+    return sharded.global_numel(p, view, value)
