@@ -22,6 +22,9 @@ SRC = os.path.join(os.path.dirname(HERE), "src")
 #: split unevenly (4 + 3); (1, 4) leaves rank 1 an empty shard
 SHAPES = {"a": (128, 64), "b": (10, 128), "c": (7,), "d": (1, 4)}
 ALIGNED = {"a"}
+#: the checkpoint tests' shapes: (1, 4)'s flattened shards (4 + 0) are not even chunks, so
+#: Prodigy's flattened state of it has no distributed layout (ValueError)
+DCP_SHAPES = {k: v for k, v in SHAPES.items() if k != "d"}
 
 
 class Params(torch.nn.Module):

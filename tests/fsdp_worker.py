@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.fsdp import fully_shard
 
 import optimkit as ok
-from fsdp_helpers import Params, batches, full, mlp, set_synthetic_grads
+from fsdp_helpers import DCP_SHAPES, Params, batches, full, mlp, set_synthetic_grads
 
 
 def _shard_mlp(mesh):
@@ -127,7 +127,7 @@ def dcp_cases(mesh, cases, root: str, before: int, after: int):
     out = {}
     for key, name, hp in cases:
         res = {}
-        module = Params()
+        module = Params(DCP_SHAPES)
         fully_shard(module, mesh=mesh)
         opt = ok.create(name, module.parameters(), **hp)
         _run(module, opt, 0, before)
@@ -136,7 +136,7 @@ def dcp_cases(mesh, cases, root: str, before: int, after: int):
         res["uninterrupted"] = ([full(p.detach()).clone() for p in module.parameters()], _gathered_state(opt),
                                 [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups])
         for tag, src in (("resumed", f"{key}-2"), ("from_1", f"{key}-1")):
-            module = Params(seed=99)  # other values: the checkpoint must overwrite them
+            module = Params(DCP_SHAPES, seed=99)  # other values: the checkpoint must overwrite them
             fully_shard(module, mesh=mesh)
             opt = ok.create(name, module.parameters(), **hp)
             load(module, opt, os.path.join(root, src))

@@ -189,6 +189,14 @@ def _flat_parts(p: Tensor, meta: tuple) -> dict[str, tuple[int, list[int]]]:
     return out
 
 
+def _flat_chunks_match(p: Tensor) -> bool:
+    """Whether the flattened shards of ``p`` are the ``Shard(0)`` chunks of the flattened
+    parameter (so a state of the flattened shard can be a 1-D DTensor)."""
+    ws = p.device_mesh.size()
+    inner = math.prod(p.shape[1:])
+    return [r * inner for r in _chunks(p.shape[0], ws)] == _chunks(p.numel(), ws)
+
+
 def wrap_state_dict(opt, out: dict) -> dict:
     """``state_dict()`` output with the state of DTensor parameters as DTensors laid
     out like the parameter (so that torch.distributed.checkpoint reshards it)."""
@@ -225,10 +233,16 @@ def wrap_state_dict(opt, out: dict) -> dict:
                     n, _ = flat[key]
                     new[key] = DTensor.from_local(value, p.device_mesh, [Shard(0)], run_check=False,
                                                   shape=(n,), stride=(1,))
+                elif value.dim() == 1 and value.numel() == lshape.numel() and _shard0(p) \
+                        and _flat_chunks_match(p):
+                    # the flattened shard (Prodigy's s and p0): the flattened parameter's chunk
+                    new[key] = DTensor.from_local(value, p.device_mesh, [Shard(0)], run_check=False,
+                                                  shape=(p.numel(),), stride=(1,))
                 else:
                     raise ValueError(f"state {key!r} of a DTensor parameter of shape {tuple(p.shape)}: "
                                      f"its shape {tuple(value.shape)} is neither the local shard's "
-                                     f"{tuple(lshape)} nor a block sequence; it cannot be resharded")
+                                     f"{tuple(lshape)} nor a block sequence (nor the flattened shard of a parameter whose "
+                                     "flattened shards are even chunks); it cannot be resharded")
             else:
                 new[key] = value
         out["state"][pid] = new
