@@ -147,8 +147,26 @@ def dcp_cases(mesh, cases, root: str, before: int, after: int):
     return out
 
 
-def all_cases(mesh, train, train_steps, exact, exact_steps, refused, tmp):
+def all_cases(mesh, train, train_steps, exact, exact_steps, refused, tmp, strategies, shapes):
     """Every case of tests/test_fsdp.py in one process group."""
-    return {"train": train_cases(mesh, train, train_steps, tmp),
+    return {"strategies": strategy_cases(mesh, strategies, shapes, exact_steps),
+            "train": train_cases(mesh, train, train_steps, tmp),
             "exact": exact_cases(mesh, exact, exact_steps),
             "refused": refusals(mesh, refused)}
+
+
+def strategy_cases(mesh, cases, shapes, steps: int):
+    """Whole-tensor rules with ``sharded_strategy``: full parameters after ``steps``
+    synthetic-gradient steps, and how many parameters each rank keeps state for."""
+    out = {}
+    for key, name, hp in cases:
+        module = Params(shapes)
+        fully_shard(module, mesh=mesh)
+        opt = ok.create(name, module.parameters(), **hp)
+        for s in range(steps):
+            set_synthetic_grads(module, s)
+            opt.step()
+        held = [None] * dist.get_world_size()
+        dist.all_gather_object(held, len(opt.state))
+        out[key] = ([full(p.detach()).clone() for p in module.parameters()], held)
+    return out

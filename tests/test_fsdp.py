@@ -48,12 +48,19 @@ EXACT_STEPS = 5
 REFUSED = [("muon", "muon", {}), ("lamb", "lamb", {}), ("adafactor", "adafactor", {}),
            ("cautious", "adamw", dict(cautious=True)), ("adan", "adan", {})]
 
+STRATEGY_SHAPES = {"a": (128, 64), "b": (10, 128), "e": (6, 5)}
+STRATEGIES = [(f"{name}-{how}", name, dict(sharded_strategy=how, **hp))
+              for name, hp in (("muon", dict(ns_dtype="fp32")), ("lamb", dict(lr=1e-2, weight_decay=1e-4)),
+                               ("adafactor", dict(beta1=0.9)))
+              for how in ("gather", "local")]
+
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Every case of this module in one 2-rank process group (rank 0's results)."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    return run_ranks("all_cases", 2, tmp, TRAIN, TRAIN_STEPS, EXACT, EXACT_STEPS, REFUSED, str(tmp))[0]
+    return run_ranks("all_cases", 2, tmp, TRAIN, TRAIN_STEPS, EXACT, EXACT_STEPS, REFUSED, str(tmp),
+                     STRATEGIES, STRATEGY_SHAPES)[0]
 
 
 def _reference_train(name, hp, tmp_path):
@@ -98,8 +105,14 @@ def _reference_exact(name, hp):
 
 @pytest.mark.parametrize("key,name,hp", EXACT, ids=[c[0] for c in EXACT])
 def test_sharded_steps_bit_exact(ranks, key, name, hp):
+    check_exact(ranks["exact"][key], key, name, hp)
+
+
+def check_exact(result, key, name, hp):
+    """A sharded run with synthetic gradients against the unsharded one (bit for bit,
+    or within the unsharded low-bit error where shards split blocks)."""
     ref, ref_state = _reference_exact(name, hp)
-    got, state = ranks["exact"][key]
+    got, state = result
     names = list(SHAPES)
     quant = hp.get("state_precision") in ("q8", "q4", "fp8")
     small = hp.get("min_quant_size", 4096) == 0
@@ -138,3 +151,58 @@ def test_whole_tensor_rules_refuse(ranks, key):
     assert unchanged
     assert ("sharded_strategy" in msg) or ("cautious" in msg) or ("global" in msg)
 
+
+
+def _reference_local(name, hp, ws=2):
+    """Block-local semantics written out: every rank's shard is a tensor of its own."""
+    from fsdp_helpers import chunk_rows
+
+    module = Params(STRATEGY_SHAPES)
+    pieces = [torch.nn.Parameter(p.detach()[chunk_rows(p.shape[0], ws, r)].clone())
+              for p in module.parameters() for r in range(ws)]
+    opt = ok.create(name, pieces, **{k: v for k, v in hp.items() if k != "sharded_strategy"})
+    for s in range(EXACT_STEPS):
+        for i, p in enumerate(module.parameters()):
+            gen = torch.Generator().manual_seed(1000 * s + i)
+            noise = torch.randn(p.shape, generator=gen)
+            for r in range(ws):
+                piece = pieces[i * ws + r]
+                piece.grad = 0.3 * piece.detach() + noise[chunk_rows(p.shape[0], ws, r)]
+        opt.step()
+    return [torch.cat([pieces[i * ws + r].detach() for r in range(ws)]) for i in range(len(STRATEGY_SHAPES))]
+
+
+@pytest.mark.parametrize("key,name,hp", STRATEGIES, ids=[c[0] for c in STRATEGIES])
+def test_whole_tensor_strategies(ranks, key, name, hp):
+    """'gather' equals the unsharded run bit for bit, each tensor's state on one rank
+    (round-robin); 'local' equals the rule run on every shard as a tensor of its own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: matrix products block by thread count (Muon's NS)
+    try:
+        _check_strategy(ranks["strategies"][key], name, hp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_strategy(result, name, hp):
+    got, held = result
+    if hp["sharded_strategy"] == "gather":
+        module = Params(STRATEGY_SHAPES)
+        opt = ok.create(name, module.parameters(), **{k: v for k, v in hp.items() if k != "sharded_strategy"})
+        for s in range(EXACT_STEPS):
+            set_synthetic_grads(module, s)
+            opt.step()
+        ref = [p.detach() for p in module.parameters()]
+        assert held == [2, 1]  # parameters 0 and 2 on rank 0, parameter 1 on rank 1
+    else:
+        ref = _reference_local(name, hp)
+        assert held == [3, 3]
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    if hp["sharded_strategy"] == "local":  # the approximation differs from the unsharded rule
+        module = Params(STRATEGY_SHAPES)
+        opt = ok.create(name, module.parameters(), **{k: v for k, v in hp.items() if k != "sharded_strategy"})
+        for s in range(EXACT_STEPS):
+            set_synthetic_grads(module, s)
+            opt.step()
+        assert not torch.equal(got[0], next(module.parameters()).detach())

@@ -36,7 +36,8 @@ from .validation import RULES, as_numbers, choice, nonneg_int, optional, validat
 COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "compile": False,
                                    "state_precision": "fp32", "min_quant_size": 4096, "projection": None,
                                    "bf16_compensation": None, "state_placement": "device",
-                                   "state_rounding": "nearest", "nonfinite": None}
+                                   "state_rounding": "nearest", "nonfinite": None,
+                                   "sharded_strategy": None}
 RULES.setdefault("projection", validate_projection)
 RULES.setdefault("state_precision", layout.validate_precision)
 RULES.setdefault("min_quant_size", nonneg_int)
@@ -44,6 +45,7 @@ RULES.setdefault("bf16_compensation", optional(choice("kahan", "stochastic_round
 RULES.setdefault("state_placement", choice("device", "cpu", "disk"))
 RULES.setdefault("state_rounding", choice("nearest", "stochastic"))
 RULES.setdefault("nonfinite", optional(choice("skip", "raise")))
+RULES.setdefault("sharded_strategy", optional(choice("gather", "local")))
 KAHAN_KEY = "kahan_comp"
 
 #: torch.optim's implementation switches, accepted by habit (constructor and group dicts)
@@ -427,10 +429,19 @@ class Optimizer(torch.optim.Optimizer):
 
     def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         if _sharded_in(params):  # FSDP2: element-wise rules step the local shards (in place)
+            from ..distributed import sharded
+
+            if sharded.gathers(self, group):  # whole-tensor rules: owners step gathered tensors
+                sharded.gather_step(self, group, params, grads)
+                return
             views, gviews = [_local(p) for p in params], [_local(g) for g in grads]
         else:
             views = [torch.view_as_real(p) if p.is_complex() else p for p in params]
             gviews = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+        self._step_views(group, params, views, gviews)
+
+    def _step_views(self, group: dict, params: list[Tensor], views: list[Tensor], gviews: list[Tensor]) -> None:
+        """Step the tensors ``views`` (of ``params``, which key the state) with ``gviews``."""
         states = [self._state_for(p, v, group) for p, v in zip(params, views)]
         # Bucket by step count (params that missed steps keep their own count) and dtype.
         buckets: dict[tuple, list[int]] = {}

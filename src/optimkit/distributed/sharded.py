@@ -91,14 +91,24 @@ def supports_local(opt) -> bool:
 def check_group(opt, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
     """Refuse what local-shard stepping would get wrong, before anything changes."""
     name = type(opt).__name__
-    if not supports_local(opt):
+    strategy = group.get("sharded_strategy")
+    if strategy == "gather" and not supports_local(opt):
+        if opt.group_coupled or type(opt).name in REDUCED_ESTIMATES:
+            raise ValueError(f"Invalid sharded_strategy: 'gather' steps each tensor on its owner "
+                             f"rank, but {name} couples the tensors of a group")
+        if any(is_dtensor(p) and not _shard0(p) for p in params):
+            raise ValueError("Invalid sharded_strategy: 'gather' supports FSDP2's one-dimensional "
+                             "Shard(0) DTensor parameters only")
+    if not supports_local(opt) and strategy is None:
         raise ValueError(
             f"Invalid sharded_strategy: {name} needs whole tensors (its rule reads per-tensor, "
             "row/column or matrix statistics), so stepping FSDP2 (DTensor) shards would silently "
-            "compute per-shard results; sharded_strategy='gather' (exact) and 'local' "
-            "(block-local, approximate) are not available for it yet. Use an element-wise "
-            f"optimizer ({', '.join(sorted(ELEMENTWISE))}) on DTensor parameters")
-    if group.get("cautious"):
+            "compute per-shard results. Pass sharded_strategy='gather' (exact: each rank owns "
+            "whole tensors round-robin, steps them gathered and broadcasts the result) or "
+            "sharded_strategy='local' (block-local: the rule sees each shard as a tensor, an "
+            "approximation), or use an element-wise optimizer "
+            f"({', '.join(sorted(ELEMENTWISE))})")
+    if group.get("cautious") and strategy != "local":
         raise ValueError(f"Invalid cautious: {name}'s cautious mask rescales by a per-tensor count, "
                          "which FSDP2 (DTensor) shards do not see whole; use cautious=False")
     if group.get("projection") is not None:
@@ -140,6 +150,48 @@ def all_reduce_sums(values: list[float], params) -> list[float]:
         t = t.to(p.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def gathers(opt, group: dict) -> bool:
+    """Whether ``group`` is stepped with the ``"gather"`` strategy (whole-tensor rules)."""
+    return group.get("sharded_strategy") == "gather" and not supports_local(opt)
+
+
+def gather_step(opt, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+    """``sharded_strategy="gather"``: the i-th DTensor parameter of the group is owned by
+    rank ``i % world_size`` of its mesh. Every parameter and gradient is all-gathered;
+    the owner steps the full tensors with the full-shape state it alone keeps, then
+    broadcasts the updated parameter and every rank copies its shard back. Exact (the
+    unsharded step of each tensor). Per parameter of N elements and step, each rank
+    receives about 3N elements (all-gather of parameter and gradient, broadcast of the
+    result); the state of each tensor lives on one rank (round-robin)."""
+    import torch.distributed as dist
+
+    keys, views, gviews, fulls = [], [], [], []
+    for j, (p, g) in enumerate(zip(params, grads)):
+        if not is_dtensor(p):  # replicated plain tensors: every rank steps them
+            keys.append(p)
+            views.append(p)
+            gviews.append(g)
+            continue
+        mesh = p.device_mesh
+        owner = j % mesh.size()
+        full_p = p.full_tensor()
+        full_g = g.full_tensor()
+        fulls.append((p, full_p, mesh, owner))
+        if mesh.get_local_rank() == owner:
+            keys.append(p)
+            views.append(full_p)
+            gviews.append(full_g)
+    if keys:
+        opt._step_views(group, keys, views, gviews)
+    for p, full_p, mesh, owner in fulls:
+        pg = mesh.get_group()
+        dist.broadcast(full_p, src=dist.get_global_rank(pg, owner), group=pg)
+        shard = p.to_local()
+        rows = _chunks(p.shape[0], mesh.size())
+        start = sum(rows[:mesh.get_local_rank()])
+        shard.copy_(full_p.narrow(0, start, shard.shape[0]))
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -265,6 +317,9 @@ def unwrap_state_dict(opt, state_dict: dict) -> dict:
     to this rank's chunk, codec layouts get the local shape. Returns a new dict."""
     from ..core import layout
 
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+            or not isinstance(state_dict.get("param_groups"), list):
+        return state_dict  # checkpoint.prepare says what is wrong
     params = [p for g in opt.param_groups for p in g["params"]]
     if not any_dtensor(params) and not any(is_dtensor(v) for st in state_dict.get("state", {}).values()
                                            if isinstance(st, dict) for v in st.values()):
