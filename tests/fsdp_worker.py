@@ -168,5 +168,22 @@ def strategy_cases(mesh, cases, shapes, steps: int):
             opt.step()
         held = [None] * dist.get_world_size()
         dist.all_gather_object(held, len(opt.state))
-        out[key] = ([full(p.detach()).clone() for p in module.parameters()], held)
+        # a state dict round trip (same world size) continues as the optimizer itself
+        twin = Params(shapes, seed=99)
+        fully_shard(twin, mesh=mesh)
+        with torch.no_grad():
+            for a, b in zip(twin.parameters(), module.parameters()):
+                a.to_local().copy_(b.to_local())
+        twin_opt = ok.create(name, twin.parameters(), **hp)
+        try:
+            twin_opt.load_state_dict(opt.state_dict())
+        except ValueError as e:  # state that is not shaped like the shard (block-local factors)
+            twin_opt = str(e)
+        for m, o in ((module, opt), (twin, twin_opt)):
+            if not isinstance(twin_opt, str):
+                set_synthetic_grads(m, steps)
+                o.step()
+        resumed = twin_opt if isinstance(twin_opt, str) else \
+            all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(twin.parameters(), module.parameters()))
+        out[key] = ([full(p.detach()).clone() for p in module.parameters()], held, resumed)
     return out

@@ -249,6 +249,11 @@ def _flat_chunks_match(p: Tensor) -> bool:
     return [r * inner for r in _chunks(p.shape[0], ws)] == _chunks(p.numel(), ws)
 
 
+def _gathered_params(opt) -> set[int]:
+    """ids of the parameters of ``sharded_strategy="gather"`` groups (whole-tensor state)."""
+    return {id(p) for g in opt.param_groups if gathers(opt, g) for p in g["params"]}
+
+
 def wrap_state_dict(opt, out: dict) -> dict:
     """``state_dict()`` output with the state of DTensor parameters as DTensors laid
     out like the parameter (so that torch.distributed.checkpoint reshards it)."""
@@ -258,10 +263,11 @@ def wrap_state_dict(opt, out: dict) -> dict:
 
     params = [p for g in opt.param_groups for p in g["params"]]
     ids = [i for g in out["param_groups"] for i in g["params"]]
+    gathered = _gathered_params(opt)
     for pid, p in zip(ids, params):
         st = out["state"].get(pid)
-        if st is None or not is_dtensor(p):
-            continue
+        if st is None or not is_dtensor(p) or id(p) in gathered:
+            continue  # 'gather' groups: full-shape state on the owner rank, plain tensors
         lshape = p.to_local().shape
         lay = dict(st.get(layout.LAYOUT_KEY, {}))
         flat: dict[str, tuple[int, list[int]]] = {}
@@ -327,6 +333,7 @@ def unwrap_state_dict(opt, state_dict: dict) -> dict:
     groups = state_dict.get("param_groups", [])
     ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", [])]
     by_id = dict(zip(ids, params))
+    gathered = _gathered_params(opt)
     out = dict(state_dict)
     out["state"] = {}
     for pid, st in state_dict.get("state", {}).items():
@@ -335,7 +342,7 @@ def unwrap_state_dict(opt, state_dict: dict) -> dict:
             out["state"][pid] = st
             continue
         new = {}
-        dt = p is not None and is_dtensor(p)
+        dt = p is not None and is_dtensor(p) and id(p) not in gathered
         lshape = p.to_local().shape if dt else None
         for key, value in st.items():
             if is_dtensor(value):
