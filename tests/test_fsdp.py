@@ -214,3 +214,13 @@ def _check_strategy(result, name, hp):
             set_synthetic_grads(module, s)
             opt.step()
         assert not torch.equal(got[0], next(module.parameters()).detach())
+
+
+def test_sharded_strategy_validated():
+    """A bad ``sharded_strategy`` is a ValueError naming it (no process group needed)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="sharded_strategy"):
+        ok.Muon([p], sharded_strategy="everywhere")
+    with pytest.raises(ValueError, match="sharded_strategy"):
+        ok.AdamW([p]).add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "sharded_strategy": 1})
+    assert ok.AdamW([p], sharded_strategy="gather").param_groups[0]["sharded_strategy"] == "gather"

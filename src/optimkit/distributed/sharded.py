@@ -159,7 +159,8 @@ def gathers(opt, group: dict) -> bool:
 
 def gather_step(opt, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
     """``sharded_strategy="gather"``: the i-th DTensor parameter of the group is owned by
-    rank ``i % world_size`` of its mesh. Every parameter and gradient is all-gathered;
+    rank ``i % world_size`` of its mesh. One tensor at a time (so a rank holds one
+    gathered tensor, not the whole group), its parameter and gradient are all-gathered,
     the owner steps the full tensors with the full-shape state it alone keeps, then
     broadcasts the updated parameter and every rank copies its shard back. Exact (the
     unsharded step of each tensor). Per parameter of N elements and step, each rank
@@ -167,25 +168,18 @@ def gather_step(opt, group: dict, params: list[Tensor], grads: list[Tensor]) -> 
     result); the state of each tensor lives on one rank (round-robin)."""
     import torch.distributed as dist
 
-    keys, views, gviews, fulls = [], [], [], []
-    for j, (p, g) in enumerate(zip(params, grads)):
-        if not is_dtensor(p):  # replicated plain tensors: every rank steps them
-            keys.append(p)
-            views.append(p)
-            gviews.append(g)
-            continue
+    plain = [(p, g) for p, g in zip(params, grads) if not is_dtensor(p)]
+    if plain:  # replicated plain tensors: every rank steps them
+        opt._step_views(group, [p for p, _ in plain], [p for p, _ in plain], [g for _, g in plain])
+    sharded = [(p, g) for p, g in zip(params, grads) if is_dtensor(p)]
+    for j, (p, g) in enumerate(sharded):
         mesh = p.device_mesh
         owner = j % mesh.size()
         full_p = p.full_tensor()
         full_g = g.full_tensor()
-        fulls.append((p, full_p, mesh, owner))
         if mesh.get_local_rank() == owner:
-            keys.append(p)
-            views.append(full_p)
-            gviews.append(full_g)
-    if keys:
-        opt._step_views(group, keys, views, gviews)
-    for p, full_p, mesh, owner in fulls:
+            opt._step_views(group, [p], [full_p], [full_g])
+        del full_g
         pg = mesh.get_group()
         dist.broadcast(full_p, src=dist.get_global_rank(pg, owner), group=pg)
         shard = p.to_local()
