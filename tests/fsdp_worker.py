@@ -112,11 +112,16 @@ def save(module, opt, path: str) -> None:
 
 
 def load(module, opt, path: str) -> None:
-    """Load a DCP checkpoint (any world size) into ``module`` and ``opt`` in place."""
+    """Load a DCP checkpoint (any world size) into ``module`` and ``opt`` in place.
+    With ``sharded_strategy="gather"`` a rank holds state for the tensors it owns only:
+    ``strict=False`` lets torch accept the others' absence."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     sd = {"model": get_model_state_dict(module), "optim": get_optimizer_state_dict(module, opt)}
     dcp.load(sd, checkpoint_id=path)
     set_model_state_dict(module, sd["model"])
-    set_optimizer_state_dict(module, opt, sd["optim"])
+    gather = any(g.get("sharded_strategy") == "gather" for g in opt.param_groups)
+    set_optimizer_state_dict(module, opt, sd["optim"], options=StateDictOptions(strict=not gather))
 
 
 def dcp_cases(mesh, cases, root: str, before: int, after: int):
