@@ -75,7 +75,7 @@ def any_dtensor(tensors) -> bool:
     return cls is not None and any(isinstance(t, cls) for t in tensors)
 
 
-def local(t: Tensor) -> Tensor:
+def local(t: Any) -> Tensor:
     """The local shard of a DTensor (a view: in-place updates reach the DTensor); ``t`` otherwise."""
     return t.to_local() if is_dtensor(t) else t
 
@@ -88,7 +88,7 @@ def supports_local(opt) -> bool:
     return type(opt).name in ELEMENTWISE or type(opt).name in REDUCED_ESTIMATES
 
 
-def check_group(opt, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+def check_group(opt, group: dict, params: list[Any], grads: list[Any]) -> None:
     """Refuse what local-shard stepping would get wrong, before anything changes."""
     name = type(opt).__name__
     strategy = group.get("sharded_strategy")
@@ -129,7 +129,7 @@ def check_group(opt, group: dict, params: list[Tensor], grads: list[Tensor]) -> 
             raise ValueError(f"{name}: complex DTensor parameters are not supported")
 
 
-def global_numel(p: Tensor, view: Tensor, value: Tensor) -> int:
+def global_numel(p: Any, view: Tensor, value: Tensor) -> int:
     """The element count a state tensor of ``p`` would have unsharded (chooses its precision)."""
     if is_dtensor(p) and value.shape == view.shape:
         return p.numel()
@@ -157,7 +157,7 @@ def gathers(opt, group: dict) -> bool:
     return group.get("sharded_strategy") == "gather" and not supports_local(opt)
 
 
-def gather_step(opt, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+def gather_step(opt, group: dict, params: list[Any], grads: list[Any]) -> None:
     """``sharded_strategy="gather"``: the i-th DTensor parameter of the group is owned by
     rank ``i % world_size`` of its mesh. One tensor at a time (so a rank holds one
     gathered tensor, not the whole group), its parameter and gradient are all-gathered,
@@ -189,7 +189,7 @@ def gather_step(opt, group: dict, params: list[Tensor], grads: list[Tensor]) -> 
 
 
 # --------------------------------------------------------------------------- state dicts
-def _shard0(p: Tensor) -> bool:
+def _shard0(p: Any) -> bool:
     from torch.distributed.tensor import Shard
 
     return p.device_mesh.ndim == 1 and len(p.placements) == 1 and isinstance(p.placements[0], Shard) \
@@ -202,7 +202,7 @@ def _chunks(n: int, ws: int) -> list[int]:
     return [max(0, min(c, n - r * c)) for r in range(ws)]
 
 
-def _flat_parts(p: Tensor, meta: tuple) -> dict[str, tuple[int, list[int]]]:
+def _flat_parts(p: Any, meta: tuple) -> dict[str, tuple[int, list[int]]]:
     """For an encoded state of ``p`` (codec layout ``meta``): {part: (global length,
     per-rank lengths)} of its 1-D parts, or raise ValueError if they cannot be laid
     out as the unsharded parts (shards not holding whole blocks)."""
@@ -235,7 +235,7 @@ def _flat_parts(p: Tensor, meta: tuple) -> dict[str, tuple[int, list[int]]]:
     return out
 
 
-def _flat_chunks_match(p: Tensor) -> bool:
+def _flat_chunks_match(p: Any) -> bool:
     """Whether the flattened shards of ``p`` are the ``Shard(0)`` chunks of the flattened
     parameter (so a state of the flattened shard can be a 1-D DTensor)."""
     ws = p.device_mesh.size()
@@ -273,7 +273,7 @@ def wrap_state_dict(opt, out: dict) -> dict:
             for part, spec in (_flat_parts(p, meta).items() if _shard0(p) else ()):
                 flat[f"{name}:{part}"] = spec
             lay[name] = (meta[0], meta[1], tuple(p.shape), *meta[3:])
-        new = {}
+        new: dict[str, Any] = {}
         for key, value in st.items():
             if key == layout.LAYOUT_KEY:
                 new[key] = lay
@@ -284,12 +284,12 @@ def wrap_state_dict(opt, out: dict) -> dict:
                 elif key in flat:
                     n, _ = flat[key]
                     new[key] = DTensor.from_local(value, p.device_mesh, [Shard(0)], run_check=False,
-                                                  shape=(n,), stride=(1,))
+                                                  shape=torch.Size((n,)), stride=(1,))
                 elif value.dim() == 1 and value.numel() == lshape.numel() and _shard0(p) \
                         and _flat_chunks_match(p):
                     # the flattened shard (Prodigy's s and p0): the flattened parameter's chunk
                     new[key] = DTensor.from_local(value, p.device_mesh, [Shard(0)], run_check=False,
-                                                  shape=(p.numel(),), stride=(1,))
+                                                  shape=torch.Size((p.numel(),)), stride=(1,))
                 else:
                     raise ValueError(f"state {key!r} of a DTensor parameter of shape {tuple(p.shape)}: "
                                      f"its shape {tuple(value.shape)} is neither the local shard's "
@@ -301,7 +301,7 @@ def wrap_state_dict(opt, out: dict) -> dict:
     return out
 
 
-def _local_chunk(p: Tensor, value: Tensor) -> Tensor:
+def _local_chunk(p: Any, value: Tensor) -> Tensor:
     """This rank's part of a full (unsharded) tensor for DTensor parameter ``p``: its
     dim-0 chunk (of the parameter's shape, or of a 1-D block sequence)."""
     rank = p.device_mesh.get_local_rank()
@@ -331,13 +331,13 @@ def unwrap_state_dict(opt, state_dict: dict) -> dict:
     out = dict(state_dict)
     out["state"] = {}
     for pid, st in state_dict.get("state", {}).items():
-        p = by_id.get(pid)
+        p: Any = by_id.get(pid)
         if not isinstance(st, dict):
             out["state"][pid] = st
             continue
         new = {}
         dt = p is not None and is_dtensor(p) and id(p) not in gathered
-        lshape = p.to_local().shape if dt else None
+        lshape: Any = p.to_local().shape if dt else None
         for key, value in st.items():
             if is_dtensor(value):
                 value = value.to_local() if dt else value.full_tensor()
