@@ -131,7 +131,7 @@ def check_group(opt, group: dict, params: list[Any], grads: list[Any]) -> None:
 
 def global_numel(p: Any, view: Tensor, value: Tensor) -> int:
     """The element count a state tensor of ``p`` would have unsharded (chooses its precision)."""
-    if is_dtensor(p) and value.shape == view.shape:
+    if is_dtensor(p) and value.numel() == view.numel():  # shaped like the shard, or it flattened
         return p.numel()
     return value.numel()
 
