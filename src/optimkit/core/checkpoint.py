@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -202,6 +203,11 @@ def _fresh_spec(opt: Optimizer, p: Tensor, group: dict) -> tuple[dict, dict, set
     """What a fresh state of ``p`` holds under ``group``: ({key: tensor spec},
     {key: kind of Python value}, set of state names the rule creates)."""
     view = torch.view_as_real(p) if p.is_complex() else p
+    if "torch.distributed.tensor" in sys.modules:  # FSDP2: state is that of the local shard
+        from ..distributed.sharded import gathers, local
+
+        if not gathers(opt, group):  # sharded_strategy="gather" keeps whole-tensor state
+            view = local(view)
     tensors: dict[str, Tensor] = {}
     scalars: dict[str, str] = {"step": "int"}
     proj = group.get("projection")

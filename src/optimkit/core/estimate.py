@@ -6,7 +6,7 @@ import torch
 
 from . import layout
 from . import validation as v
-from .optimizer import Optimizer
+from .optimizer import Optimizer, _local
 from .transform import Transform
 
 
@@ -72,8 +72,8 @@ class GlobalEstimate(Optimizer):
     def _tensors(self, num, group, params, grads):
         """(real view of p, gradient with maximize applied, state) of each tensor."""
         for p, g in zip(params, grads):
-            view = torch.view_as_real(p) if p.is_complex() else p
-            g = torch.view_as_real(g) if g.is_complex() else g
+            view = torch.view_as_real(p) if p.is_complex() else _local(p)  # FSDP2: the local shard
+            g = torch.view_as_real(g) if g.is_complex() else _local(g)
             if num["maximize"]:
                 g = -g
             yield view, g, self._state_for(p, view, group)

@@ -19,6 +19,7 @@ import copy
 import difflib
 import inspect
 import itertools
+import sys
 import types
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -35,7 +36,8 @@ from .validation import RULES, as_numbers, choice, nonneg_int, optional, validat
 COMMON_DEFAULTS: dict[str, Any] = {"maximize": False, "compile": False,
                                    "state_precision": "fp32", "min_quant_size": 4096, "projection": None,
                                    "bf16_compensation": None, "state_placement": "device",
-                                   "state_rounding": "nearest", "nonfinite": None}
+                                   "state_rounding": "nearest", "nonfinite": None,
+                                   "sharded_strategy": None}
 RULES.setdefault("projection", validate_projection)
 RULES.setdefault("state_precision", layout.validate_precision)
 RULES.setdefault("min_quant_size", nonneg_int)
@@ -43,6 +45,7 @@ RULES.setdefault("bf16_compensation", optional(choice("kahan", "stochastic_round
 RULES.setdefault("state_placement", choice("device", "cpu", "disk"))
 RULES.setdefault("state_rounding", choice("nearest", "stochastic"))
 RULES.setdefault("nonfinite", optional(choice("skip", "raise")))
+RULES.setdefault("sharded_strategy", optional(choice("gather", "local")))
 KAHAN_KEY = "kahan_comp"
 
 #: torch.optim's implementation switches, accepted by habit (constructor and group dicts)
@@ -380,6 +383,10 @@ class Optimizer(torch.optim.Optimizer):
                 g = g.to_dense()
             params.append(p)
             grads.append(g)
+        if _sharded_in(params):
+            from ..distributed import sharded
+
+            sharded.check_group(self, group, params, grads)
         return params, grads
 
     def _state_for(self, p: Tensor, view: Tensor, group: dict) -> dict:
@@ -397,8 +404,9 @@ class Optimizer(torch.optim.Optimizer):
                     state[key] = float(value)
                 exact = getattr(t, "full_precision", ())
                 for key, value in t.init(like, group).items():
+                    numel = value.numel() if p is view else _global_numel(p, view, value)
                     prec = "fp32" if key in exact else layout.choose(
-                        group["state_precision"], key, value.numel(), group["min_quant_size"], override)
+                        group["state_precision"], key, numel, group["min_quant_size"], override)
                     layout.store(state, key, value, prec, signed=key not in self._nonnegative,
                                  rounding=group["state_rounding"])
             if group["bf16_compensation"] == "kahan" and view.dtype == torch.bfloat16:
@@ -425,8 +433,20 @@ class Optimizer(torch.optim.Optimizer):
                     state[key].copy_(value)
 
     def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        views = [torch.view_as_real(p) if p.is_complex() else p for p in params]
-        gviews = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+        if _sharded_in(params):  # FSDP2: element-wise rules step the local shards (in place)
+            from ..distributed import sharded
+
+            if sharded.gathers(self, group):  # whole-tensor rules: owners step gathered tensors
+                sharded.gather_step(self, group, params, grads)
+                return
+            views, gviews = [_local(p) for p in params], [_local(g) for g in grads]
+        else:
+            views = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+            gviews = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+        self._step_views(group, params, views, gviews)
+
+    def _step_views(self, group: dict, params: list[Tensor], views: list[Tensor], gviews: list[Tensor]) -> None:
+        """Step the tensors ``views`` (of ``params``, which key the state) with ``gviews``."""
         states = [self._state_for(p, v, group) for p, v in zip(params, views)]
         # Bucket by step count (params that missed steps keep their own count) and dtype.
         buckets: dict[tuple, list[int]] = {}
@@ -616,6 +636,10 @@ class Optimizer(torch.optim.Optimizer):
         by their settings), so that ``torch.load(f)``'s default reads it back."""
         out = checkpoint.saveable(super().state_dict())
         out["skipped_steps"] = int(getattr(self, "skipped_steps", 0))
+        if _sharded_in(p for g in self.param_groups for p in g["params"]):
+            from ..distributed import sharded  # state of DTensor parameters as DTensors
+
+            out = sharded.wrap_state_dict(self, out)
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -629,6 +653,10 @@ class Optimizer(torch.optim.Optimizer):
         (torch.optim casts floating state to the parameter dtype; optimkit
         keeps the stored precision, which is part of the optimizer state.)
         """
+        if "torch.distributed.tensor" in sys.modules:  # DTensor state (torch.distributed.checkpoint)
+            from ..distributed import sharded
+
+            state_dict = sharded.unwrap_state_dict(self, state_dict)
         state_dict = checkpoint.prepare(self, state_dict)
         skipped = state_dict.pop("skipped_steps", 0)
         saved_state = {k: {kk: (vv.clone() if isinstance(vv, Tensor) else copy.deepcopy(vv))
@@ -681,6 +709,7 @@ def _nonfinite_flags(groups: list[dict], all_groups: list[dict]) -> Tensor:
                 continue
             if g.is_sparse:
                 g = g.coalesce().values()
+            g = _local(g)  # a DTensor's shard: the flags are all-reduced below
             buckets.setdefault((g.device, g.dtype), []).append(g)
         per = [_nonfinite_bucket(grads).to(device) for grads in buckets.values()]
         flags.append(torch.stack(per).any() if per else torch.zeros((), dtype=torch.bool, device=device))
@@ -788,3 +817,30 @@ def _merge(static: dict, names: list, values) -> dict:
     for k, vs in tuples.items():
         hp[k] = tuple(vs)
     return hp
+
+
+def _sharded_in(tensors) -> bool:
+    """Whether any of ``tensors`` is a DTensor (FSDP2); no import of torch.distributed."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from ..distributed import sharded
+
+    return sharded.any_dtensor(tensors)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view), else ``t``."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return t
+    from ..distributed import sharded
+
+    return sharded.local(t)
+
+
+def _global_numel(p: Tensor, view: Tensor, value: Tensor) -> int:
+    """Elements of a state tensor of ``p`` unsharded (FSDP2 shards choose precision as a whole)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return value.numel()
+    from ..distributed import sharded
+
+    return sharded.global_numel(p, view, value)

@@ -9,6 +9,7 @@ import torch
 
 from ..core import validation as v
 from ..core.estimate import GlobalEstimate, GlobalScalarTransform, Sums
+from ..core.optimizer import _sharded_in
 from ..core.transform import Context
 from ..core.tensorlist import TensorList, dense
 
@@ -153,6 +154,10 @@ class Prodigy(GlobalEstimate):
                 if here is not s:
                     s.copy_(here)
         delta, denom = sums.total().values()
+        if _sharded_in(p for *_, params, _ in pool for p in params):  # FSDP2: sums over all shards
+            from ..distributed.sharded import all_reduce_sums
+
+            delta, denom = all_reduce_sums([delta, denom], [p for *_, params, _ in pool for p in params])
         skip = denom == 0.0
         d_new, d_hat = d, d
         if not skip and lr > 0.0:
