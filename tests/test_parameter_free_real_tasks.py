@@ -28,7 +28,8 @@ def _tuned_adamw(workload: str, steps: int) -> float:
     return min(_final(workload, "adamw", steps, lr=ref * f) for f in GRID)
 
 
-# measured (seed 1000, 3x budget): AdamW tuned / parameter-free at default lr
+# measured (seed 1000, 3x budget): AdamW tuned / parameter-free at default lr; the bar is
+# 10 % plus the metric's resolution (one validation example for error rates)
 CASES = [
     ("mlp_digits", "prodigy", dict(safeguard_warmup=True, use_bias_correction=True)),     # 0.0111 / 0.0111
     ("autoencoder_digits", "prodigy", dict(safeguard_warmup=True, use_bias_correction=True)),  # 0.0177 / 0.0169
@@ -43,4 +44,16 @@ def test_default_lr_within_ten_percent_of_tuned_adamw(workload, optimizer, hp):
     tuned = _tuned_adamw(workload, steps)
     free = _final(workload, optimizer, steps, **hp)
     print(f"{workload}: tuned AdamW {tuned:.4g}, {optimizer} at default lr {free:.4g}")
-    assert free <= 1.10 * tuned, (tuned, free)
+    assert free <= 1.10 * tuned + _resolution(workload), (tuned, free)
+
+
+def _resolution(workload: str) -> float:
+    """The smallest step of the workload's metric that 10 % may be finer than: one
+    validation example for an error rate (mlp_digits: 1/360, i.e. 4 -> 5 errors is
+    +25 %; measured 4 and 4 errors on one CPU, 4 and 5 on another), else 0."""
+    if wl.get_workload(workload).metric != "val_error":
+        return 0.0
+    assert workload == "mlp_digits", "the validation set size of another error-rate workload"
+    from optimkit.bench.workloads import _digits
+
+    return 1.0 / len(_digits()[3])

@@ -98,12 +98,15 @@ def test_low_precision_params_step_and_track_the_fp32_run(proj, opt, dtype, comp
                                   pytest.param("frugal", marks=pytest.mark.slow)])
 def test_low_precision_projected_rule_compiles(proj):
     """The rule may be compiled around the eager projection: bf16 parameters with
-    q8 state and Kahan compensation step the same compiled as eagerly."""
+    q8 state and Kahan compensation step the same compiled as eagerly, up to a bf16
+    rounding or two: compiled and eager arithmetic round differently (fused
+    multiply-adds, vector widths that depend on the CPU), which can move a weight to
+    the neighbouring bf16 value (measured: 0.031 = 2 bf16 steps at 2.7 on one CPU)."""
     hp = _hp("adamw", torch.bfloat16)
     eager, _, _ = _run(proj, "adamw", torch.bfloat16, "kahan", "q8", hp)
     compiled, losses, _ = _run(proj, "adamw", torch.bfloat16, "kahan", "q8", hp, compile=True)
     assert losses[-1] < 0.95 * losses[0]
-    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=0)
+    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2 ** -7)
 
 
 def test_fp64_params_keep_fp64_bases():
