@@ -17,7 +17,6 @@ The last line printed is ``RESULT {json}`` (also written to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import optimkit as ok
+from _common import finish, parse as parse_args, parser, start
 
 
 def digits(seed: int) -> tuple[torch.Tensor, ...]:
@@ -77,7 +77,7 @@ def run(name: str, make_opt, cfg: argparse.Namespace, data: tuple[torch.Tensor, 
     loss0, acc0 = evaluate(model, xte, yte)
     curve, train_curve = [(0, loss0, acc0)], []
     order = torch.randperm(len(xtr), generator=gen)
-    pos, start = 0, time.perf_counter()
+    pos, t0 = 0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
         if pos + cfg.batch > len(order):
             order, pos = torch.randperm(len(xtr), generator=gen), 0
@@ -96,7 +96,7 @@ def run(name: str, make_opt, cfg: argparse.Namespace, data: tuple[torch.Tensor, 
             "train_loss_first": sum(l for _, l in train_curve[:k]) / k,
             "train_loss_last": sum(l for _, l in train_curve[-k:]) / k,
             "test_loss_first": loss0, "test_acc_first": acc0, "test_loss": curve[-1][1], "test_acc": curve[-1][2],
-            "seconds": time.perf_counter() - start, "curve": curve}
+            "seconds": time.perf_counter() - t0, "curve": curve}
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -124,19 +124,11 @@ def plot(results: list[dict], path: str) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line settings; ``--quick`` is a short smoke run."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=None, help="training steps per optimizer (default 600, quick 60)")
-    p.add_argument("--quick", action="store_true", help="few steps (seconds)")
-    p.add_argument("--out", default="examples_out", help="directory for the plot and the JSON results")
+    p = parser(__doc__, 600, 60, "few steps (seconds)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lion-lr", type=float, default=1e-3)
     p.add_argument("--adamw-lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    cfg = p.parse_args(argv)
-    cfg.steps = cfg.steps if cfg.steps is not None else (60 if cfg.quick else 600)
-    if cfg.steps < 1:
-        p.error(f"--steps must be >= 1, got {cfg.steps}")
+    cfg = parse_args(p, argv, 600, 60)
     cfg.eval_every = max(1, cfg.steps // 10)
     return cfg
 
@@ -144,9 +136,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run both optimizers, print the comparison, write the plot and JSON; returns the results."""
     cfg = parse(argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
+    start(cfg)
     data = digits(cfg.seed)
     print(f"digits: {len(data[0])} train / {len(data[2])} test images; {cfg.steps} steps, batch {cfg.batch}")
     # Lion: lr ~3x below AdamW's, weight decay as many times larger (same lr * wd product)
@@ -162,12 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     png = os.path.join(cfg.out, "cnn_lion.png")
     plot(results, png)
     summary = {"example": "cnn_lion", "steps": cfg.steps, "quick": cfg.quick, "plot": png, "runs": results}
-    with open(os.path.join(cfg.out, "cnn_lion.json"), "w") as fh:
-        json.dump(summary, fh)
-    print(f"plot: {png}")
-    print("RESULT " + json.dumps({"example": "cnn_lion", "plot": png,
-                                  "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}))
-    return summary
+    return finish("cnn_lion", cfg, png, summary, [{k: v for k, v in r.items() if k != "curve"} for r in results])
 
 
 if __name__ == "__main__":

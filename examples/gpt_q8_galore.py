@@ -19,48 +19,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import math
 import os
 import sys
-import sysconfig
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import optimkit as ok
-
-#: standard-library modules whose source is the corpus (those missing are skipped)
-CORPUS = ("argparse.py", "textwrap.py", "difflib.py", "functools.py", "contextlib.py", "dataclasses.py",
-          "heapq.py", "bisect.py", "queue.py", "string.py", "copy.py", "random.py", "pprint.py", "glob.py")
-
-
-def stdlib_bytes(val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and validation byte tensors: the last ``val_fraction`` of every corpus file is validation."""
-    root = sysconfig.get_paths().get("stdlib") or ""
-    if not os.path.isfile(os.path.join(root, "textwrap.py")):
-        import textwrap
-
-        root = os.path.dirname(textwrap.__file__)
-    train, val = [], []
-    for name in CORPUS:
-        path = os.path.join(root, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as fh:
-                raw = fh.read()
-            cut = int(len(raw) * (1 - val_fraction))
-            train.append(raw[:cut])
-            val.append(raw[cut:])
-    if not train:
-        raise RuntimeError(f"no corpus file found under {root!r}")
-
-    def as_tensor(parts: list[bytes]) -> torch.Tensor:
-        return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8).long()
-
-    return as_tensor(train), as_tensor(val)
-
+from _common import batch, finish, parse as parse_args, parser, plot_lm, start, stdlib_bytes, train_lm
 
 class Block(nn.Module):
     """Pre-norm decoder block: causal self-attention (fused QKV) and a GELU MLP."""
@@ -104,99 +71,27 @@ class GPT(nn.Module):
         return F.linear(self.ln(x), self.tok.weight)
 
 
-def batch(data: torch.Tensor, size: int, ctx: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``size`` random windows of ``ctx`` bytes and their next-byte targets."""
-    i = torch.randint(len(data) - ctx - 1, (size,), generator=gen)
-    x = torch.stack([data[j:j + ctx] for j in i.tolist()])
-    y = torch.stack([data[j + 1:j + ctx + 1] for j in i.tolist()])
-    return x, y
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean cross-entropy (nats per byte) over fixed validation batches."""
-    model.eval()
-    losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y in batches]
-    model.train()
-    return sum(losses) / len(losses)
-
-
 def run(name: str, make_opt, cfg: argparse.Namespace, train: torch.Tensor, val_batches: list) -> dict:
-    """Train one model from the seed's initial weights; returns its curves and state bytes."""
+    """Train one model from the seed's initial weights; returns its curves, state bytes
+    and ``ok.memory_report``."""
     torch.manual_seed(cfg.seed)
     model = GPT(d=cfg.d_model, layers=cfg.layers, heads=cfg.heads, ctx=cfg.ctx)
     opt = make_opt(model)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches for every optimizer
-    sched = ok.schedules.cosine(cfg.steps, num_warmup_steps=cfg.steps // 20, min_lr_ratio=0.1).scheduler(opt)
-    train_curve, val_curve = [], [(0, evaluate(model, val_batches))]
-    start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        x, y = batch(train, cfg.batch, cfg.ctx, gen)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        train_curve.append((step, loss.item()))
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_curve.append((step, evaluate(model, val_batches)))
-    seconds = time.perf_counter() - start
+    result = train_lm(name, model, opt, cfg, train, val_batches)
     report = io.StringIO()
     ok.memory_report(opt, file=report)
-    n_params = sum(p.numel() for p in model.parameters())
-    k = max(1, min(len(train_curve) // 10, 20))  # train loss: mean of the first / last k steps
-    return {"name": name, "params": n_params, "state_bytes": ok.state_bytes(opt),
-            "memory_report": report.getvalue().rstrip(), "train_loss_first": sum(l for _, l in train_curve[:k]) / k,
-            "train_loss_last": sum(l for _, l in train_curve[-k:]) / k, "val_loss_first": val_curve[0][1],
-            "val_loss_last": val_curve[-1][1], "seconds": seconds, "train_curve": train_curve,
-            "val_curve": val_curve}
-
-
-def plot(results: list[dict], path: str, title: str) -> None:
-    """Train (smoothed) and validation loss of every run, one figure, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r, color in zip(results, ("tab:blue", "tab:orange", "tab:green")):
-        steps, losses = zip(*r["train_curve"])
-        w = max(1, len(losses) // 25)
-        smooth = [sum(losses[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(losses))]
-        ax.plot(steps, smooth, color=color, alpha=0.6, label=f"{r['name']} train")
-        vs, vl = zip(*r["val_curve"])
-        ax.plot(vs, vl, "o-", color=color, label=f"{r['name']} val ({r['state_bytes'] / 2**10:.0f} KiB state)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / byte)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return {**result, "memory_report": report.getvalue().rstrip()}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line settings; ``--quick`` shrinks the model and the run to a smoke test."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=None, help="training steps per optimizer (default 300, quick 40)")
-    p.add_argument("--quick", action="store_true", help="a tiny model and few steps (seconds)")
-    p.add_argument("--out", default="examples_out", help="directory for the plot and the JSON results")
+    p = parser(__doc__, 300, 40, "a tiny model and few steps (seconds)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--rank", type=int, default=None, help="GaLore rank (default d_model / 4)")
     p.add_argument("--interval", type=int, default=None, help="GaLore subspace refresh interval (default steps / 4)")
     p.add_argument("--galore-scale", type=float, default=0.25, help="GaLore's update scale (alpha)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    cfg = p.parse_args(argv)
-    size = dict(d_model=64, layers=2, heads=2, ctx=32, batch=16, eval_batches=4) if cfg.quick else \
-        dict(d_model=96, layers=3, heads=3, ctx=64, batch=16, eval_batches=8)
-    for k, v in size.items():
-        setattr(cfg, k, v)
-    cfg.steps = cfg.steps if cfg.steps is not None else (40 if cfg.quick else 300)
-    if cfg.steps < 1:
-        p.error(f"--steps must be >= 1, got {cfg.steps}")
+    cfg = parse_args(p, argv, 300, 40, (dict(d_model=64, layers=2, heads=2, ctx=32, batch=16, eval_batches=4),
+                                        dict(d_model=96, layers=3, heads=3, ctx=64, batch=16, eval_batches=8)))
     cfg.rank = cfg.rank or cfg.d_model // 4
     cfg.interval = cfg.interval or max(1, cfg.steps // 4)
     cfg.eval_every = max(1, cfg.steps // 8)
@@ -206,9 +101,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run both optimizers, print the comparison, write the plot and JSON; returns the results."""
     cfg = parse(argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
+    start(cfg)
     train, val = stdlib_bytes()
     gen = torch.Generator().manual_seed(12345)
     val_batches = [batch(val, 32, cfg.ctx, gen) for _ in range(cfg.eval_batches)]
@@ -245,16 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"state bytes ratio (q8+GaLore / fp32): {b['state_bytes'] / a['state_bytes']:.3f}; "
           f"val loss difference: {b['val_loss_last'] - a['val_loss_last']:+.3f} nats/byte")
     png = os.path.join(cfg.out, "gpt_q8_galore.png")
-    plot(results, png, f"byte-level GPT on stdlib source ({a['params']:,} params)")
+    plot_lm(results, png, f"byte-level GPT on stdlib source ({a['params']:,} params)",
+            ("tab:blue", "tab:orange", "tab:green"),
+            val_label=lambda r: f"{r['name']} val ({r['state_bytes'] / 2**10:.0f} KiB state)")
     summary = {"example": "gpt_q8_galore", "steps": cfg.steps, "quick": cfg.quick, "plot": png,
                "runs": [{k: v for k, v in r.items() if k != "memory_report"} for r in results]}
-    with open(os.path.join(cfg.out, "gpt_q8_galore.json"), "w") as fh:
-        json.dump(summary, fh)
-    print(f"plot: {png}")
-    print("RESULT " + json.dumps({"example": "gpt_q8_galore", "plot": png,
-                                  "runs": [{k: v for k, v in r.items() if k not in ("memory_report", "train_curve")}
-                                           for r in results]}))
-    return summary
+    return finish("gpt_q8_galore", cfg, png, summary,
+                  [{k: v for k, v in r.items() if k not in ("memory_report", "train_curve")} for r in results])
 
 
 if __name__ == "__main__":

@@ -19,42 +19,15 @@ The last line printed is ``RESULT {json}`` (also written to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import sysconfig
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import optimkit as ok
-
-#: standard-library modules whose source is the corpus (those missing are skipped)
-CORPUS = ("argparse.py", "textwrap.py", "difflib.py", "functools.py", "contextlib.py", "dataclasses.py",
-          "heapq.py", "bisect.py", "queue.py", "string.py", "copy.py", "random.py", "pprint.py", "glob.py")
-
-
-def stdlib_bytes(val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and validation byte tensors: the last ``val_fraction`` of every corpus file is validation."""
-    root = sysconfig.get_paths().get("stdlib") or ""
-    if not os.path.isfile(os.path.join(root, "textwrap.py")):
-        import textwrap
-
-        root = os.path.dirname(textwrap.__file__)
-    train, val = bytearray(), bytearray()
-    for name in CORPUS:
-        path = os.path.join(root, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as fh:
-                raw = fh.read()
-            cut = int(len(raw) * (1 - val_fraction))
-            train += raw[:cut]
-            val += raw[cut:]
-    if not train:
-        raise RuntimeError(f"no corpus file found under {root!r}")
-    return torch.frombuffer(train, dtype=torch.uint8).long(), torch.frombuffer(val, dtype=torch.uint8).long()
+from _common import batch, finish, parse as parse_args, parser, plot_lm, start, stdlib_bytes, train_lm
 
 
 class TinyLM(nn.Module):
@@ -83,21 +56,6 @@ class TinyLM(nn.Module):
         return self.head(self.ln(x))
 
 
-def batch(data: torch.Tensor, size: int, ctx: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``size`` random windows of ``ctx`` bytes and their next-byte targets."""
-    i = torch.randint(len(data) - ctx - 1, (size,), generator=gen).tolist()
-    return torch.stack([data[j:j + ctx] for j in i]), torch.stack([data[j + 1:j + ctx + 1] for j in i])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean cross-entropy (nats per byte) over fixed validation batches."""
-    model.eval()
-    out = sum(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y in batches) / len(batches)
-    model.train()
-    return out
-
-
 def describe_split(model: nn.Module, groups: list[dict]) -> list[dict]:
     """Which parameters each group holds (names, elements, rule) for printing."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -114,70 +72,16 @@ def run(name: str, make_opt, cfg: argparse.Namespace, train: torch.Tensor, val_b
     """Train one model from the seed's initial weights; returns its curves."""
     torch.manual_seed(cfg.seed)
     model = TinyLM(d=cfg.d_model, layers=cfg.layers, heads=cfg.heads, ctx=cfg.ctx)
-    opt = make_opt(model)
-    sched = ok.schedules.cosine(cfg.steps, num_warmup_steps=cfg.steps // 20, min_lr_ratio=0.1).scheduler(opt)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches for every optimizer
-    train_curve, val_curve = [], [(0, evaluate(model, val_batches))]
-    start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        x, y = batch(train, cfg.batch, cfg.ctx, gen)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        train_curve.append((step, loss.item()))
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_curve.append((step, evaluate(model, val_batches)))
-    k = max(1, min(len(train_curve) // 10, 20))
-    return {"name": name, "params": sum(p.numel() for p in model.parameters()), "state_bytes": ok.state_bytes(opt),
-            "train_loss_first": sum(l for _, l in train_curve[:k]) / k,
-            "train_loss_last": sum(l for _, l in train_curve[-k:]) / k,
-            "val_loss_first": val_curve[0][1], "val_loss_last": val_curve[-1][1],
-            "seconds": time.perf_counter() - start, "train_curve": train_curve, "val_curve": val_curve}
-
-
-def plot(results: list[dict], path: str) -> None:
-    """Train (smoothed) and validation loss of every run, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r, color in zip(results, ("tab:red", "tab:blue")):
-        steps, losses = zip(*r["train_curve"])
-        w = max(1, len(losses) // 25)
-        smooth = [sum(losses[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(losses))]
-        ax.plot(steps, smooth, color=color, alpha=0.6, label=f"{r['name']} train")
-        vs, vl = zip(*r["val_curve"])
-        ax.plot(vs, vl, "o-", color=color, label=f"{r['name']} val")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title="tiny byte-level LM: Muon split vs AdamW")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return train_lm(name, model, make_opt(model), cfg, train, val_batches)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line settings; ``--quick`` shrinks the model and the run to a smoke test."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=None, help="training steps per optimizer (default 400, quick 40)")
-    p.add_argument("--quick", action="store_true", help="a tiny model and few steps (seconds)")
-    p.add_argument("--out", default="examples_out", help="directory for the plot and the JSON results")
+    p = parser(__doc__, 400, 40, "a tiny model and few steps (seconds)")
     p.add_argument("--muon-lr", type=float, default=0.02)
     p.add_argument("--adamw-lr", type=float, default=3e-3, help="AdamW's lr, alone and as Muon's AdamW groups'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    cfg = p.parse_args(argv)
-    size = dict(d_model=48, layers=2, heads=2, ctx=32, batch=16, eval_batches=4) if cfg.quick else \
-        dict(d_model=96, layers=3, heads=3, ctx=64, batch=16, eval_batches=8)
-    for k, v in size.items():
-        setattr(cfg, k, v)
-    cfg.steps = cfg.steps if cfg.steps is not None else (40 if cfg.quick else 400)
-    if cfg.steps < 1:
-        p.error(f"--steps must be >= 1, got {cfg.steps}")
+    cfg = parse_args(p, argv, 400, 40, (dict(d_model=48, layers=2, heads=2, ctx=32, batch=16, eval_batches=4),
+                                        dict(d_model=96, layers=3, heads=3, ctx=64, batch=16, eval_batches=8)))
     cfg.eval_every = max(1, cfg.steps // 8)
     return cfg
 
@@ -185,9 +89,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Print the split, run both optimizers, print the comparison, write the plot and JSON."""
     cfg = parse(argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
+    start(cfg)
     train, val = stdlib_bytes()
     gen = torch.Generator().manual_seed(12345)
     val_batches = [batch(val, 32, cfg.ctx, gen) for _ in range(cfg.eval_batches)]
@@ -219,16 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['train_loss_last']:>10.3f} {r['val_loss_first']:>9.3f} {r['val_loss_last']:>8.3f} "
               f"{r['seconds']:>7.1f}")
     png = os.path.join(cfg.out, "muon_split.png")
-    plot(results, png)
+    plot_lm(results, png, "tiny byte-level LM: Muon split vs AdamW", ("tab:red", "tab:blue"))
     summary = {"example": "muon_split", "steps": cfg.steps, "quick": cfg.quick, "plot": png, "split": split,
                "runs": results}
-    with open(os.path.join(cfg.out, "muon_split.json"), "w") as fh:
-        json.dump(summary, fh)
-    print(f"plot: {png}")
-    print("RESULT " + json.dumps({"example": "muon_split", "plot": png, "split": split,
-                                  "runs": [{k: v for k, v in r.items() if k not in ("train_curve",)}
-                                           for r in results]}))
-    return summary
+    return finish("muon_split", cfg, png, summary,
+                  [{k: v for k, v in r.items() if k != "train_curve"} for r in results], split=split)
 
 
 if __name__ == "__main__":
