@@ -494,3 +494,65 @@ def test_steps_racing_the_background_write_do_not_reach_it(precision, tmp_path):
                 step()
             ckpt.wait()
             _assert_same(ckpt.load_latest()[1], torch.load(io.BytesIO(want)))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "q8"])
+def test_save_until_copies_in_the_background_and_the_next_step_waits_for_it(precision, tmp_path, monkeypatch):
+    """``save(..., until=opt)``: save() returns before the copy; the copy overlaps
+    the next forward/backward; the next opt.step() waits for it (the copy is held
+    back here until that step has been called, to show the wait), and the written
+    checkpoint is the state at save() time however many steps follow. The one-shot
+    hook is gone after that step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    opt = ok.AdamW(model.parameters(), lr=1e-2, state_precision=precision, min_quant_size=1)
+    x = torch.randn(32, 64)
+    real_snapshot = cio.snapshot
+    gate = threading.Event()
+
+    def slow_snapshot(*args, **kwargs):
+        gate.wait(10)  # until the main thread is inside opt.step()
+        return real_snapshot(*args, **kwargs)
+
+    def step():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    step()
+    monkeypatch.setattr(cio, "snapshot", slow_snapshot)
+    with cio.AsyncCheckpointer(tmp_path) as ckpt:
+        obj = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        want = _bytes(obj)
+        assert ckpt.save(1, obj, until=opt)
+        assert not ckpt._copied.is_set()  # nothing copied yet: save() did not wait for the copy
+        opt.zero_grad()
+        model(x).square().mean().backward()  # forward/backward overlap the copy
+        threading.Timer(0.2, gate.set).start()
+        opt.step()  # waits for the copy
+        assert ckpt._copied.is_set() and ckpt.snapshot_wait_seconds > 0.1
+        assert not opt._optimizer_step_pre_hooks
+        for _ in range(5):
+            step()
+        ckpt.wait()
+        _assert_same(ckpt.load_latest()[1], torch.load(io.BytesIO(want)))
+        # wait_snapshot() for code that changes the tensors by other means
+        gate.clear()
+        obj = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        want = _bytes(obj)
+        ckpt.save(2, obj, until=[opt])
+        threading.Timer(0.1, gate.set).start()
+        ckpt.wait_snapshot()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ckpt.wait()
+        _assert_same(ckpt.load_latest()[1], torch.load(io.BytesIO(want)))
+        step()  # the pending hook finds the copy done and removes itself
+        assert not opt._optimizer_step_pre_hooks
+
+
+def test_save_until_refuses_what_is_not_an_optimizer(tmp_path):
+    with cio.AsyncCheckpointer(tmp_path) as ckpt:
+        with pytest.raises(TypeError, match="until"):
+            ckpt.save(1, {"a": torch.zeros(2)}, until=torch.zeros(2))
+        assert not ckpt.busy and ckpt.latest() is None

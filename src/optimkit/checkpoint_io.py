@@ -45,6 +45,7 @@ import json
 import operator
 import os
 import re
+import threading
 import time
 import uuid
 from typing import Any, Callable, NamedTuple
@@ -351,6 +352,18 @@ def _info(directory: str, entry: dict) -> CheckpointInfo:
     return CheckpointInfo(entry["step"], os.path.join(directory, entry["file"]), entry["sha256"], entry["bytes"])
 
 
+def _optimizers(until: Any) -> list:
+    """``until`` of :meth:`AsyncCheckpointer.save` as a list of optimizers (TypeError otherwise)."""
+    if until is None:
+        return []
+    items = list(until) if isinstance(until, (list, tuple)) else [until]
+    for o in items:
+        if not callable(getattr(o, "register_step_pre_hook", None)):
+            raise TypeError("until must be an optimizer (with register_step_pre_hook) or a list of them, "
+                            f"got {type(o).__name__}")
+    return items
+
+
 class _Job(NamedTuple):
     step: int
     future: concurrent.futures.Future
@@ -409,15 +422,30 @@ class AsyncCheckpointer:
         self._pool: _Pool | None = None
         self._entries: list[dict] | None = None  # the manifest as this writer last published it
         self._closed = False
+        self._copied: threading.Event | None = None  # set when the host copy of save(until=...) is done
+        #: seconds the last optimizer step guarded by ``save(until=...)`` waited for the host copy
+        self.snapshot_wait_seconds = 0.0
 
     # ------------------------------------------------------------------ writing
-    def save(self, step: int, obj: Any) -> bool:
+    def save(self, step: int, obj: Any, *, until: Any = None) -> bool:
         """Snapshot ``obj`` (tensors copied to host memory now) and write it as the
         checkpoint of ``step`` in the background; returns ``True``, or ``False``
         when ``if_busy="skip"`` and the previous write is still in flight (nothing
-        is copied then). Raises the previous write's error, if it failed."""
+        is copied then). Raises the previous write's error, if it failed.
+
+        ``until``: an optimizer (or a list of them) whose next ``step()`` is the
+        first thing that changes ``obj``'s tensors in place. The host copy then
+        also runs in the background, overlapping the next forward and backward
+        passes (which only read the parameters and write gradients), and that
+        ``step()`` waits until the copy is complete (a one-shot step pre-hook):
+        the training loop waits only for what the copy has left when it reaches
+        the step. Anything else that writes those tensors in place before that
+        step (an EMA of the weights, a manual ``p.data`` update) must call
+        :meth:`wait_snapshot` first. ``snapshot_wait_seconds`` is how long the
+        last such step waited."""
         if self._closed:
             raise RuntimeError("save() on a closed AsyncCheckpointer")
+        guards = _optimizers(until)
         if isinstance(step, bool):
             raise TypeError("step must be an int, got bool")
         try:
@@ -431,14 +459,43 @@ class AsyncCheckpointer:
             return False
         self._finish()
         buffers: list[Tensor] = []
-        snap = snapshot(obj, pin_memory=self.pin_memory, _pool=self._pool, _buffers=buffers, _checked=True)
-        self._pool = None  # buffers not taken are freed; the taken ones belong to this snapshot
+        pool, self._pool = self._pool, None  # buffers not taken are freed; the taken ones belong to the snapshot
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="optimkit-checkpoint")
-        payload = {"format": FORMAT, "step": step, "state": snap}
-        future = self._executor.submit(self._write, step, payload)
+        if guards:
+            copied = threading.Event()
+            self._copied = copied
+            hooks: list = []
+
+            def hold(optimizer, args, kwargs):  # the first in-place change waits for the copy
+                start = time.perf_counter()
+                copied.wait()
+                self.snapshot_wait_seconds = time.perf_counter() - start
+                for h in hooks:
+                    h.remove()
+                hooks.clear()
+
+            hooks.extend(o.register_step_pre_hook(hold) for o in guards)
+
+            def copy_then_write() -> None:
+                try:
+                    snap = snapshot(obj, pin_memory=self.pin_memory, _pool=pool, _buffers=buffers, _checked=True)
+                finally:
+                    copied.set()
+                self._write(step, {"format": FORMAT, "step": step, "state": snap})
+
+            future = self._executor.submit(copy_then_write)
+        else:
+            snap = snapshot(obj, pin_memory=self.pin_memory, _pool=pool, _buffers=buffers, _checked=True)
+            future = self._executor.submit(self._write, step, {"format": FORMAT, "step": step, "state": snap})
         self._job = _Job(step, future, buffers if self.reuse_buffers else [])
         return True
+
+    def wait_snapshot(self) -> None:
+        """Block until the host copy of the last :meth:`save` with ``until=`` is complete
+        (the tensors it read may then be changed); the write may still be in flight."""
+        if self._copied is not None:
+            self._copied.wait()
 
     def _finish(self) -> None:
         """Wait for the write in flight; raise its error; recycle its buffers."""
