@@ -213,6 +213,7 @@ def registry_cases(mesh, cases, steps: int):
     out = {}
     data = batches(steps)
     for key, name, hp, graph in cases:
+        print("case", key, flush=True)  # the log names the case a hung rank is in
         model = _shard_mlp(mesh)
         try:
             opt = ok.create(name, model.parameters(), **hp)

@@ -53,8 +53,9 @@ ELEMENTWISE = frozenset({
     "adabelief", "adadelta", "adagrad", "adam", "adamax", "adamw", "amsgrad", "ademamix", "adopt",
     "diffgrad", "grams", "lion", "nadam", "radam", "rmsprop", "sgd", "yogi",
 })
-#: registered optimizers whose global sums are all-reduced across ranks (exact)
-REDUCED_ESTIMATES = frozenset({"prodigy"})
+#: registered optimizers whose rule is element-wise but for step sizes estimated from
+#: sums over all tensors: the sums over the local shards are all-reduced across ranks (exact)
+REDUCED_ESTIMATES = frozenset({"prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd", "dog", "dowg"})
 
 
 def _dtensor_type():
@@ -93,7 +94,9 @@ def check_group(opt, group: dict, params: list[Any], grads: list[Any]) -> None:
     name = type(opt).__name__
     strategy = group.get("sharded_strategy")
     if strategy == "gather" and not supports_local(opt):
-        if opt.group_coupled or type(opt).name in REDUCED_ESTIMATES:
+        from ..core.estimate import GlobalEstimate
+
+        if opt.group_coupled or isinstance(opt, GlobalEstimate):
             raise ValueError(f"Invalid sharded_strategy: 'gather' steps each tensor on its owner "
                              f"rank, but {name} couples the tensors of a group")
         if any(is_dtensor(p) and not _shard0(p) for p in params):
