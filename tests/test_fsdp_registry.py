@@ -36,13 +36,11 @@ REFUSED = {
     "sophia_h": ("carries its graph", "as AdaHessian"),
     # layer-wise DoG reads per-tensor norms inside a global estimate: neither local nor gather is exact
     "ldog": ("Invalid sharded_strategy", "per-tensor distances inside a global step-size estimate"),
+    # the first step's per-tensor SNR is computed in prepare_step, outside the gather path
+    "sgd_sai": ("SGDSaI's signal-to-noise ratio", "per-tensor SNR at the first step is not gathered yet"),
 }
-#: name -> why it is not run on FSDP2 yet (an error on the owner rank only: the other
-#: rank would wait in the broadcast, so they are kept out of the shared process group)
-BROKEN = {
-    "adagrad_norm": "its gather step calls .tolist() on a DTensor (RuntimeError on the owner rank)",
-    "sgd_sai": "its step mixes DTensor and plain tensors in one foreach copy (RuntimeError)",
-}
+#: name -> why it is not run on FSDP2 (kept out of the shared process group)
+BROKEN: dict[str, str] = {}
 #: name -> (atol, why) where the sharded run is not bit-exact
 APPROX = {
     # random preconditioner updates drawn from torch's global RNG per tensor: under 'gather'
@@ -112,9 +110,3 @@ def test_every_optimizer_on_fsdp2(ranks, key, name, hp, graph):
             torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)
         else:
             torch.testing.assert_close(a, r, rtol=0, atol=APPROX.get(name, (0,))[0])
-
-
-@pytest.mark.parametrize("name", sorted(BROKEN))
-def test_not_supported_yet_is_listed(name):
-    """What is kept out of the FSDP2 run is still registered (the list stays current)."""
-    assert name in gradient_names()

@@ -18,8 +18,9 @@ trust ratios, orthogonalization, preconditioners, projections, the cautious mask
 per-tensor rescaling) would silently compute per-shard results on local shards;
 they raise :class:`ValueError` naming ``sharded_strategy`` instead.
 
-Global estimates (Prodigy) are exact: their sums over every tensor are summed over
-the local shards, then all-reduced over the process group.
+Global estimates (Prodigy, D-Adaptation, DoG, DoWG, AdaGrad-Norm) step local shards:
+their sums over every tensor are summed over the local shards, then all-reduced over
+the process group (the unsharded sums up to summation order).
 
 Distributed state dicts
     ``state_dict()`` of an optimizer with DTensor parameters presents each state
@@ -55,7 +56,8 @@ ELEMENTWISE = frozenset({
 })
 #: registered optimizers whose rule is element-wise but for step sizes estimated from
 #: sums over all tensors: the sums over the local shards are all-reduced across ranks (exact)
-REDUCED_ESTIMATES = frozenset({"prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd", "dog", "dowg"})
+REDUCED_ESTIMATES = frozenset({"prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd", "dog", "dowg",
+                               "adagrad_norm"})
 
 
 def _dtensor_type():
