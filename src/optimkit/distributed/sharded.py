@@ -95,7 +95,7 @@ def check_group(opt, group: dict, params: list[Any], grads: list[Any]) -> None:
     """Refuse what local-shard stepping would get wrong, before anything changes."""
     name = type(opt).__name__
     strategy = group.get("sharded_strategy")
-    if strategy == "gather" and not supports_local(opt):
+    if gathers(opt, group):
         from ..core.estimate import GlobalEstimate
 
         if opt.group_coupled or isinstance(opt, GlobalEstimate):
@@ -113,13 +113,15 @@ def check_group(opt, group: dict, params: list[Any], grads: list[Any]) -> None:
             "sharded_strategy='local' (block-local: the rule sees each shard as a tensor, an "
             "approximation), or use an element-wise optimizer "
             f"({', '.join(sorted(ELEMENTWISE))})")
-    if group.get("cautious") and strategy != "local":
+    if group.get("cautious") and strategy not in ("local", "gather"):
         raise ValueError(f"Invalid cautious: {name}'s cautious mask rescales by a per-tensor count, "
-                         "which FSDP2 (DTensor) shards do not see whole; use cautious=False")
-    if group.get("projection") is not None:
+                         "which FSDP2 (DTensor) shards do not see whole; use cautious=False, or "
+                         "sharded_strategy='gather' (exact: owners step whole tensors)")
+    if group.get("projection") is not None and strategy != "gather":
         raise ValueError(f"Invalid projection: {name} with a projection needs whole matrices "
-                         "(SVD / random projections of the full gradient); FSDP2 (DTensor) "
-                         "parameters are not supported with projection")
+                         "(SVD / random projections of the full gradient); on FSDP2 (DTensor) "
+                         "parameters pass sharded_strategy='gather' (each tensor's owner projects "
+                         "its full gradient)")
     if group.get("slice_p", 1) != 1:
         raise ValueError(f"Invalid slice_p: {name} slices every slice_p-th element of the whole "
                          "tensor; on FSDP2 (DTensor) shards only slice_p=1 is exact")
@@ -158,8 +160,11 @@ def all_reduce_sums(values: list[float], params) -> list[float]:
 
 
 def gathers(opt, group: dict) -> bool:
-    """Whether ``group`` is stepped with the ``"gather"`` strategy (whole-tensor rules)."""
-    return group.get("sharded_strategy") == "gather" and not supports_local(opt)
+    """Whether ``group`` is stepped with the ``"gather"`` strategy: whole-tensor rules, and
+    element-wise rules with a whole-tensor addition (the cautious mask's per-tensor
+    count, a projection of the full gradient)."""
+    return group.get("sharded_strategy") == "gather" and (
+        not supports_local(opt) or bool(group.get("cautious")) or group.get("projection") is not None)
 
 
 def gather_step(opt, group: dict, params: list[Any], grads: list[Any]) -> None:
