@@ -1,21 +1,11 @@
-"""Two-rank gloo runs for the FSDP2 / DCP tests, and the problems both sides share.
-
-``run_ranks(func, world_size, tmp_path, *args)`` starts ``world_size`` processes
-(``python fsdp_helpers.py``), each initialising a gloo process group and a CPU
-device mesh, calling ``fsdp_worker.<func>(mesh, *args)`` and saving its return
-value with ``torch.save``; it returns the list of per-rank results.
-"""
+"""The problems the FSDP2 / DCP tests and their rank-side code (fsdp_worker.py) share:
+models, data, synthetic gradients. The ranks are launched by ``dist_helpers.run_ranks``
+(``run_ranks(fsdp_worker.on_mesh, 2, "<function>", *args)``)."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(HERE), "src")
 
 #: parameter shapes of the synthetic problems: (128, 64) shards hold whole 256-blocks on
 #: 2 ranks (64 x 64 = 16 blocks each); (10, 128) shards do not (640 elements); (7,) is
@@ -86,57 +76,3 @@ def full(t):
     local = t.to_local().to(wide)
     return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape,
                               stride=t.stride()).full_tensor().to(t.dtype)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(func: str, world_size: int, tmp_path, *args, timeout: float = 600.0) -> list:
-    """Run ``fsdp_worker.<func>(mesh, *args)`` on ``world_size`` gloo ranks; per-rank results."""
-    port = _free_port()
-    argf = os.path.join(tmp_path, f"{func}-args.pt")
-    torch.save(args, argf)
-    outs = [os.path.join(tmp_path, f"{func}-rank{r}.pt") for r in range(world_size)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, HERE, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world_size), str(port),
-                               func, argf, outs[r]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-             for r in range(world_size)]
-    logs = []
-    try:
-        for p in procs:
-            log, _ = p.communicate(timeout=timeout)
-            logs.append(log.decode(errors="replace"))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        raise AssertionError(f"{func}: a rank hung")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    return [torch.load(o, weights_only=False) for o in outs]
-
-
-def _main() -> None:
-    rank, ws, port, func, argf, out = sys.argv[1:7]
-    rank, ws = int(rank), int(ws)
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ws)
-    try:
-        import fsdp_worker
-
-        mesh = init_device_mesh("cpu", (ws,))
-        args = torch.load(argf, weights_only=False)
-        result = getattr(fsdp_worker, func)(mesh, *args)
-        torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _main()

@@ -1,4 +1,4 @@
-"""Rank-side code of tests/test_fsdp.py and tests/test_fsdp_dcp.py (run by fsdp_helpers.run_ranks).
+"""Rank-side code of tests/test_fsdp.py and tests/test_fsdp_dcp.py (run by dist_helpers.run_ranks through on_mesh).
 
 Every function takes the device mesh first, runs on every rank (collectives inside)
 and returns plain tensors (full, gathered) and values for the parent to check."""
@@ -191,4 +191,37 @@ def strategy_cases(mesh, cases, shapes, steps: int):
         resumed = twin_opt if isinstance(twin_opt, str) else \
             all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(twin.parameters(), module.parameters()))
         out[key] = ([full(p.detach()).clone() for p in module.parameters()], held, resumed)
+    return out
+
+
+# ------------------------------------------------------------------ one launcher
+def on_mesh(rank: int, world_size: int, func: str, *args):
+    """Entry point for ``dist_helpers.run_ranks``: a CPU device mesh over the process
+    group, then ``<func>(mesh, *args)`` of this module (its result goes back)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    return globals()[func](mesh, *args)
+
+
+# ------------------------------------------------------------------ the registry
+def registry_cases(mesh, cases, steps: int):
+    """Every case ``(key, name, hp, create_graph)``: the FSDP2-sharded MLP trained for
+    ``steps`` steps, every rank on the *whole* global batch, so that FSDP2's averaged
+    reduce-scatter gives the unsharded gradient bit for bit ((g + g) / 2 = g). Full
+    parameters after the run, or the error it raised (type and message)."""
+    out = {}
+    data = batches(steps)
+    for key, name, hp, graph in cases:
+        print("case", key, flush=True)  # the log names the case a hung rank is in
+        model = _shard_mlp(mesh)
+        try:
+            opt = ok.create(name, model.parameters(), **hp)
+            for x, y in data:
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward(create_graph=graph)
+                opt.step()
+            out[key] = [full(p.detach()).clone() for p in model.parameters()]
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
+            out[key] = f"{type(e).__name__}: {e}"
     return out

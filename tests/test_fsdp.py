@@ -1,6 +1,6 @@
 """FSDP2 (``fully_shard``, DTensor parameters) with optimkit optimizers, on 2 gloo ranks.
 
-One spawned process group per test module (``fsdp_helpers.run_ranks``), many cases inside:
+One spawned process group per test module (``dist_helpers.run_ranks``), many cases inside:
 
 * training runs of every element-wise optimizer on an FSDP2-sharded MLP (each rank on
   half of the global batch) equal a single-process run on the whole batch to fp32
@@ -18,7 +18,9 @@ import pytest
 import torch
 
 import optimkit as ok
-from fsdp_helpers import ALIGNED, SHAPES, Params, batches, mlp, run_ranks, set_synthetic_grads
+import fsdp_worker
+from dist_helpers import run_ranks
+from fsdp_helpers import ALIGNED, SHAPES, Params, batches, mlp, set_synthetic_grads
 from optimizer_cases import contract_hp
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -59,8 +61,8 @@ STRATEGIES = [(f"{name}-{how}", name, dict(sharded_strategy=how, **hp))
 def ranks(tmp_path_factory):
     """Every case of this module in one 2-rank process group (rank 0's results)."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    return run_ranks("all_cases", 2, tmp, TRAIN, TRAIN_STEPS, EXACT, EXACT_STEPS, REFUSED, str(tmp),
-                     STRATEGIES, STRATEGY_SHAPES)[0]
+    return run_ranks(fsdp_worker.on_mesh, 2, "all_cases", TRAIN, TRAIN_STEPS, EXACT, EXACT_STEPS, REFUSED, str(tmp),
+                     STRATEGIES, STRATEGY_SHAPES, timeout=300)[0]
 
 
 def _reference_train(name, hp, tmp_path):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsdp_helpers import run_ranks
+import fsdp_worker
+from dist_helpers import run_ranks
 from test_fsdp import check_exact
 
 pytestmark = [pytest.mark.slow,
@@ -19,10 +20,10 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks():
     from test_fsdp import EXACT_STEPS
 
-    return run_ranks("exact_cases", 2, tmp_path_factory.mktemp("fsdp_compile"), CASES, EXACT_STEPS)[0]
+    return run_ranks(fsdp_worker.on_mesh, 2, "exact_cases", CASES, EXACT_STEPS, timeout=600)[0]
 
 
 @pytest.mark.parametrize("key,name,hp", CASES, ids=[c[0] for c in CASES])

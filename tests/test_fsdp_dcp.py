@@ -20,7 +20,9 @@ import pytest
 import torch
 
 import optimkit as ok
-from fsdp_helpers import DCP_SHAPES, Params, run_ranks, set_synthetic_grads
+import fsdp_worker
+from dist_helpers import run_ranks
+from fsdp_helpers import DCP_SHAPES, Params, set_synthetic_grads
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -83,7 +85,7 @@ def runs(tmp_path_factory, _one_thread):
             w.save(module, opt, os.path.join(root, f"{key}-1"))
             _run(module, opt, BEFORE, AFTER)
             local[key] = ([p.detach().clone() for p in module.parameters()], _state(opt), _groups(opt))
-    two = run_ranks("dcp_cases", 2, root, CASES, root, BEFORE, AFTER)[0]
+    two = run_ranks(fsdp_worker.on_mesh, 2, "dcp_cases", CASES, root, BEFORE, AFTER, timeout=300)[0]
     return root, local, two
 
 

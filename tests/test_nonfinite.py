@@ -12,10 +12,7 @@ import copy
 import io
 import os
 import random
-import socket
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -277,13 +274,9 @@ def test_gradscaler():
 
 
 # ---------------------------------------------------------------- two ranks
-_WORKER = textwrap.dedent('''
-    import sys, torch, torch.distributed as dist
-    sys.path[:0] = sys.argv[4].split("|")
-    import optimkit
-    from helpers import make_params, grad_stream
-    rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _two_rank_main(rank: int, world_size: int):
+    """Rank side (``dist_helpers.run_ranks``): AdamW with ``nonfinite="skip"``, a NaN
+    on rank 1 only at step 2; parameters, skipped count and state after 5 steps."""
     params = make_params()
     opt = optimkit.AdamW(params, lr=1e-2, nonfinite="skip")
     for s, grads in enumerate(grad_stream(params, 5, seed=7)):
@@ -292,39 +285,15 @@ _WORKER = textwrap.dedent('''
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
-    torch.save({"params": [p.detach() for p in params], "skipped": opt.skipped_steps,
-                "state": opt.state_dict()["state"]}, out)
-    dist.destroy_process_group()
-''')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return {"params": [p.detach() for p in params], "skipped": opt.skipped_steps,
+            "state": opt.state_dict()["state"]}
 
 
 @pytest.mark.slow
-def test_two_ranks_agree(tmp_path):
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = "|".join([os.path.join(root, "tests"), os.path.join(root, "src")])
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    port = _free_port()
-    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), str(outs[r]), paths],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    for p in procs:
-        try:
-            log, _ = p.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a rank hung")
-        assert p.returncode == 0, log.decode()[-3000:]
-    r0, r1 = (torch.load(o) for o in outs)
+def test_two_ranks_agree():
+    from dist_helpers import run_ranks
+
+    r0, r1 = run_ranks(_two_rank_main, 2, timeout=120)
     assert r0["skipped"] == r1["skipped"] == 1
     params = make_params()
     ref = optimkit.AdamW(params, lr=1e-2)

@@ -6,7 +6,7 @@ import torch
 
 from . import layout
 from . import validation as v
-from .optimizer import Optimizer, _local
+from .optimizer import Optimizer, _local, _sharded_in
 from .transform import Transform
 
 
@@ -86,7 +86,13 @@ class GlobalEstimate(Optimizer):
 
     @staticmethod
     def _reduce(values: list[float], group: dict) -> list[float]:
-        """Sum across processes (``fsdp_in_use``) when torch.distributed is running."""
+        """Sum across processes when torch.distributed is running and the group holds
+        FSDP2 (DTensor) parameters (each rank summed over its local shards) or sets
+        ``fsdp_in_use``."""
+        if _sharded_in(group["params"]):
+            from ..distributed.sharded import all_reduce_sums
+
+            return all_reduce_sums(values, group["params"])
         if not group.get("fsdp_in_use") or not torch.distributed.is_available() \
                 or not torch.distributed.is_initialized():
             return values

@@ -18,8 +18,9 @@ trust ratios, orthogonalization, preconditioners, projections, the cautious mask
 per-tensor rescaling) would silently compute per-shard results on local shards;
 they raise :class:`ValueError` naming ``sharded_strategy`` instead.
 
-Global estimates (Prodigy) are exact: their sums over every tensor are summed over
-the local shards, then all-reduced over the process group.
+Global estimates (Prodigy, D-Adaptation, DoG, DoWG, AdaGrad-Norm) step local shards:
+their sums over every tensor are summed over the local shards, then all-reduced over
+the process group (the unsharded sums up to summation order).
 
 Distributed state dicts
     ``state_dict()`` of an optimizer with DTensor parameters presents each state
@@ -53,8 +54,10 @@ ELEMENTWISE = frozenset({
     "adabelief", "adadelta", "adagrad", "adam", "adamax", "adamw", "amsgrad", "ademamix", "adopt",
     "diffgrad", "grams", "lion", "nadam", "radam", "rmsprop", "sgd", "yogi",
 })
-#: registered optimizers whose global sums are all-reduced across ranks (exact)
-REDUCED_ESTIMATES = frozenset({"prodigy"})
+#: registered optimizers whose rule is element-wise but for step sizes estimated from
+#: sums over all tensors: the sums over the local shards are all-reduced across ranks (exact)
+REDUCED_ESTIMATES = frozenset({"prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd", "dog", "dowg",
+                               "adagrad_norm"})
 
 
 def _dtensor_type():
@@ -92,8 +95,10 @@ def check_group(opt, group: dict, params: list[Any], grads: list[Any]) -> None:
     """Refuse what local-shard stepping would get wrong, before anything changes."""
     name = type(opt).__name__
     strategy = group.get("sharded_strategy")
-    if strategy == "gather" and not supports_local(opt):
-        if opt.group_coupled or type(opt).name in REDUCED_ESTIMATES:
+    if gathers(opt, group):
+        from ..core.estimate import GlobalEstimate
+
+        if opt.group_coupled or isinstance(opt, GlobalEstimate):
             raise ValueError(f"Invalid sharded_strategy: 'gather' steps each tensor on its owner "
                              f"rank, but {name} couples the tensors of a group")
         if any(is_dtensor(p) and not _shard0(p) for p in params):
@@ -108,13 +113,15 @@ def check_group(opt, group: dict, params: list[Any], grads: list[Any]) -> None:
             "sharded_strategy='local' (block-local: the rule sees each shard as a tensor, an "
             "approximation), or use an element-wise optimizer "
             f"({', '.join(sorted(ELEMENTWISE))})")
-    if group.get("cautious") and strategy != "local":
+    if group.get("cautious") and strategy not in ("local", "gather"):
         raise ValueError(f"Invalid cautious: {name}'s cautious mask rescales by a per-tensor count, "
-                         "which FSDP2 (DTensor) shards do not see whole; use cautious=False")
-    if group.get("projection") is not None:
+                         "which FSDP2 (DTensor) shards do not see whole; use cautious=False, or "
+                         "sharded_strategy='gather' (exact: owners step whole tensors)")
+    if group.get("projection") is not None and strategy != "gather":
         raise ValueError(f"Invalid projection: {name} with a projection needs whole matrices "
-                         "(SVD / random projections of the full gradient); FSDP2 (DTensor) "
-                         "parameters are not supported with projection")
+                         "(SVD / random projections of the full gradient); on FSDP2 (DTensor) "
+                         "parameters pass sharded_strategy='gather' (each tensor's owner projects "
+                         "its full gradient)")
     if group.get("slice_p", 1) != 1:
         raise ValueError(f"Invalid slice_p: {name} slices every slice_p-th element of the whole "
                          "tensor; on FSDP2 (DTensor) shards only slice_p=1 is exact")
@@ -153,8 +160,11 @@ def all_reduce_sums(values: list[float], params) -> list[float]:
 
 
 def gathers(opt, group: dict) -> bool:
-    """Whether ``group`` is stepped with the ``"gather"`` strategy (whole-tensor rules)."""
-    return group.get("sharded_strategy") == "gather" and not supports_local(opt)
+    """Whether ``group`` is stepped with the ``"gather"`` strategy: whole-tensor rules, and
+    element-wise rules with a whole-tensor addition (the cautious mask's per-tensor
+    count, a projection of the full gradient)."""
+    return group.get("sharded_strategy") == "gather" and (
+        not supports_local(opt) or bool(group.get("cautious")) or group.get("projection") is not None)
 
 
 def gather_step(opt, group: dict, params: list[Any], grads: list[Any]) -> None:

@@ -94,6 +94,8 @@ class DoG(GlobalEstimate):
                     diff = x - wide(st["x0"].to(view.device)).to(x.dtype)
                     sums.add("dist_sq", torch.dot(diff, diff))
             x_sq, dist_sq, g_sq = sums.total().values()
+            if not self.layerwise:  # FSDP2: sums over every rank's local shards
+                x_sq, dist_sq, g_sq = self._reduce([x_sq, dist_sq, g_sq], group)
             if first:
                 rbar, G = reps * (1 + math.sqrt(x_sq)), g_sq + num["eps"]
             else:
@@ -199,6 +201,7 @@ class DoWG(DoG):
                 sums.add("dist_sq", torch.dot(diff, diff))
                 sums.add("g_sq", torch.dot(wide(g), wide(g)))
             dist_sq, g_sq = sums.total().values()
+            dist_sq, g_sq = self._reduce([dist_sq, g_sq], group)  # FSDP2: over every rank's shards
             r2 = max(num["estim_sq_dist"], dist_sq)
             weighted = r2 * g_sq + num["weighted_sq_norm_grads"]
             eta = num["lr"] * r2 / (math.sqrt(weighted) + num["eps"]) if weighted + num["eps"] > 0 else 0.0

@@ -7,6 +7,7 @@ import torch
 
 from ..core import validation as v
 from ..core.estimate import GlobalEstimate, GlobalScalarTransform, Sums, wide
+from ..core.optimizer import _local
 from ..core.tensorlist import dense
 from ..core.transform import Context
 
@@ -33,9 +34,12 @@ class _GlobalStep(GlobalEstimate):
         sums = Sums("sq")
         for num, group, params, grads in work:
             for g in grads:
-                g = torch.view_as_real(g) if g.is_complex() else g
+                g = torch.view_as_real(g) if g.is_complex() else _local(g)  # FSDP2: the local shard
                 sums.add("sq", wide(g).double().pow(2).sum())
-        scale = float(self._scale(sums.total()["sq"]))
+        squared = sums.total()["sq"]
+        if work:  # FSDP2 (DTensor parameters): the sum over every rank's shards
+            squared = self._reduce([squared], work[0][1])[0]
+        scale = float(self._scale(squared))
         for group in self.param_groups:
             self._step_values[id(group)] = {"global_scale": scale}
 

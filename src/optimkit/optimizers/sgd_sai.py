@@ -79,6 +79,12 @@ class SGDSaI(Optimizer):
         """The signal-to-noise ratio of every tensor at its first step, and the
         largest of all (one value for every group)."""
         work = [(g, *self._collect(g)) for g in self.param_groups]  # validates before any change
+        from ..core.optimizer import _sharded_in
+
+        if any(_sharded_in(params) for _, params, _ in work):  # every rank raises, before any change
+            raise ValueError("Invalid sharded_strategy: SGDSaI's signal-to-noise ratio of each whole "
+                             "gradient is not computed on FSDP2 (DTensor) parameters yet; no "
+                             "sharded_strategy supports it")
         known = [g["gsnr_max"] for g in self.param_groups if g["gsnr_max"] is not None]
         top = max(known) if known else None
         for group, params, grads in work:
