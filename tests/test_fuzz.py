@@ -22,13 +22,11 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import optimkit as ok  # noqa: E402
-from optimizer_cases import contract_hp  # noqa: E402
+import optimkit as ok
+from optimizer_cases import contract_hp
 
 EXAMPLES = int(os.environ.get("OPTIMKIT_FUZZ_EXAMPLES", "8"))
 RANDOM = bool(os.environ.get("OPTIMKIT_FUZZ_RANDOM"))
