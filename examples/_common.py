@@ -44,6 +44,14 @@ def stdlib_bytes(val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]
     return torch.frombuffer(train, dtype=torch.uint8).long(), torch.frombuffer(val, dtype=torch.uint8).long()
 
 
+def lm_data(cfg: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The corpus as (train bytes, validation bytes, ``cfg.eval_batches`` fixed
+    validation batches of ``cfg.ctx`` bytes)."""
+    train, val = stdlib_bytes()
+    gen = torch.Generator().manual_seed(12345)
+    return train, val, [batch(val, 32, cfg.ctx, gen) for _ in range(cfg.eval_batches)]
+
+
 def batch(data: torch.Tensor, size: int, ctx: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` random windows of ``ctx`` bytes and their next-byte targets."""
     i = torch.randint(len(data) - ctx - 1, (size,), generator=gen).tolist()

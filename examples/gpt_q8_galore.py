@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import optimkit as ok
-from _common import batch, finish, parse as parse_args, parser, plot_lm, start, stdlib_bytes, train_lm
+from _common import finish, lm_data, parse as parse_args, parser, plot_lm, start, train_lm
 
 class Block(nn.Module):
     """Pre-norm decoder block: causal self-attention (fused QKV) and a GELU MLP."""
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run both optimizers, print the comparison, write the plot and JSON; returns the results."""
     cfg = parse(argv)
     start(cfg)
-    train, val = stdlib_bytes()
-    gen = torch.Generator().manual_seed(12345)
-    val_batches = [batch(val, 32, cfg.ctx, gen) for _ in range(cfg.eval_batches)]
+    train, val, val_batches = lm_data(cfg)
     print(f"corpus: {len(train):,} train / {len(val):,} val bytes of stdlib source; "
           f"GPT d={cfg.d_model} layers={cfg.layers} ctx={cfg.ctx}; {cfg.steps} steps, batch {cfg.batch}")
 

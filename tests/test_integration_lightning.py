@@ -293,6 +293,24 @@ def schedule_free_reference(make_opt, steps: int):
     return net, opt, val_losses
 
 
+
+def _fit_with_schedule_free_callback(make_opt, tmp_path):
+    """Fit with ScheduleFreeCallback, checkpointing at each validation, and check the
+    validation losses against the hand loop; returns (module, reference net, reference
+    opt, reference validation losses).
+
+    save_on_train_epoch_end=False: written in on_validation_end. (Lightning 2.6 resumes a
+    checkpoint written in on_train_epoch_end, the default here, with the sampler's epoch
+    one ahead: other batches, whatever the optimizer; see docs/integrations_lightning.md.)"""
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{step}", monitor="val_loss",
+                                         save_top_k=-1, save_on_train_epoch_end=False)
+    full = DigitsModule(make_opt, scheduled=False)
+    trainer(enable_checkpointing=True, callbacks=[ScheduleFreeCallback(), saver]).fit(
+        full, train_loader(), val_loader())
+    net, opt, val_losses = schedule_free_reference(make_opt, STEPS)
+    assert full.val_losses == val_losses
+    return full, net, opt, val_losses
+
 def test_schedule_free_callback_evaluates_at_x_and_resumes(tmp_path):
     """ScheduleFreeCallback: validation (after a sanity check) runs at the evaluation
     point x, training at y, the module ends fit holding x: all equal to the hand loop.
@@ -301,16 +319,7 @@ def test_schedule_free_callback_evaluates_at_x_and_resumes(tmp_path):
     def make_opt(net):
         return ok.ScheduleFreeAdamW(net.parameters(), lr=5e-3, warmup_steps=2, weight_decay=1e-3)
 
-    # save_on_train_epoch_end=False: written in on_validation_end. (Lightning 2.6 resumes a
-    # checkpoint written in on_train_epoch_end, the default here, with the sampler's epoch
-    # one ahead: other batches, whatever the optimizer; see docs/integrations_lightning.md.)
-    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{step}", monitor="val_loss",
-                                         save_top_k=-1, save_on_train_epoch_end=False)
-    full = DigitsModule(make_opt, scheduled=False)
-    trainer(enable_checkpointing=True, callbacks=[ScheduleFreeCallback(), saver]).fit(
-        full, train_loader(), val_loader())
-    net, opt, val_losses = schedule_free_reference(make_opt, STEPS)
-    assert full.val_losses == val_losses
+    full, net, opt, val_losses = _fit_with_schedule_free_callback(make_opt, tmp_path)
     assert_same_weights(full.net, net)               # x, the evaluation point
     sf = full.trainer.optimizers[0]
     assert not sf.param_groups[0]["train_mode"]
@@ -446,13 +455,7 @@ def test_schedule_free_wrapper_trains_checkpoints_and_resumes(tmp_path):
     def make_opt(net):
         return ok.ScheduleFreeWrapper(torch.optim.RMSprop(net.parameters(), lr=2.5e-3), momentum=0.9)
 
-    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{step}", monitor="val_loss",
-                                         save_top_k=-1, save_on_train_epoch_end=False)
-    full = DigitsModule(make_opt, scheduled=False)
-    trainer(enable_checkpointing=True, callbacks=[ScheduleFreeCallback(), saver]).fit(
-        full, train_loader(), val_loader())
-    net, opt, val_losses = schedule_free_reference(make_opt, STEPS)
-    assert full.val_losses == val_losses
+    full, net, opt, val_losses = _fit_with_schedule_free_callback(make_opt, tmp_path)
     assert_same_weights(full.net, net)
     path = tmp_path / f"step={BATCHES_PER_EPOCH}.ckpt"
     assert torch.load(path, weights_only=True)["optimizer_states"][0]["schedulefree"]["train_mode"] is False
